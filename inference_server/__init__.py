@@ -1,0 +1,1 @@
+"""Caravela inference_server package."""

@@ -1,0 +1,1 @@
+"""Caravela orchestrator package."""

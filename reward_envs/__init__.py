@@ -1,0 +1,1 @@
+"""Caravela reward_envs package."""

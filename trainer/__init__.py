@@ -1,0 +1,1 @@
+"""Caravela trainer package."""

@@ -1,0 +1,114 @@
+"""Trainer configuration: optimiser, loss variant, batching and memory switches.
+
+Parsed and validated before torch is imported (STYLE.md, point 1), so this
+module imports pydantic only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every Caravela config section: unknown keys are errors, docstrings document."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class _ClippedLoss(StrictModel):
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    """Lower clip range: below ``1 - eps_low`` the ratio stops pushing negative-advantage
+    tokens further down."""
+    eps_high: float = Field(0.2, ge=0.0)
+    """Upper clip range: above ``1 + eps_high`` the ratio stops pushing positive-advantage
+    tokens further up."""
+    kl_beta: float = Field(0.0, ge=0.0)
+    """Weight of the k3 KL penalty to the initial (reference) model; 0 disables it and the
+    reference model is never loaded."""
+    tis_cap: float | None = Field(None, ge=1.0)
+    """Truncated importance sampling against the inference engine's logprobs: per-token weight
+    ``min(pi_train / pi_engine, tis_cap)``. None turns the correction off."""
+
+
+class GRPOLoss(_ClippedLoss):
+    """GRPO (DeepSeekMath): token ratios, mean per sequence, then mean over sequences."""
+
+    type: Literal["grpo"] = "grpo"
+    """Selects this loss."""
+
+
+class DrGRPOLoss(_ClippedLoss):
+    """Dr. GRPO: token ratios, sum divided by sequences x max completion length (no length bias)."""
+
+    type: Literal["dr_grpo"] = "dr_grpo"
+    """Selects this loss."""
+
+
+class DAPOLoss(_ClippedLoss):
+    """DAPO: clip-higher (``eps_high > eps_low``) and a token-level mean over the whole step."""
+
+    type: Literal["dapo"] = "dapo"
+    """Selects this loss."""
+    eps_high: float = Field(0.28, ge=0.0)
+    """Upper clip range; DAPO's clip-higher default keeps low-probability tokens explorable."""
+
+
+class GSPOLoss(_ClippedLoss):
+    """GSPO: one importance ratio per sequence (geometric mean of token ratios)."""
+
+    type: Literal["gspo"] = "gspo"
+    """Selects this loss."""
+    eps_low: float = Field(3e-4, ge=0.0, lt=1.0)
+    """Lower clip range; sequence ratios sit close to 1, so GSPO clips tightly."""
+    eps_high: float = Field(4e-4, ge=0.0)
+    """Upper clip range for the sequence-level ratio."""
+
+
+LossConfig = Annotated[GRPOLoss | DrGRPOLoss | DAPOLoss | GSPOLoss, Field(discriminator="type")]
+
+
+class TrainerConfig(StrictModel):
+    """How the trainer group turns scored groups into a weight update."""
+
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    """AdamW learning rate (constant after warm-up). 1e-4 learns the tiny model; 5e-4
+    collapsed it."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW (beta1, beta2)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up, in optimizer steps."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this value before every optimizer step."""
+    loss: LossConfig = Field(default_factory=GRPOLoss)
+    """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo."""
+    layout: Literal["packed", "padded"] = "packed"
+    """``packed`` lays several sequences end to end per row (no attention across them);
+    ``padded`` is one right-padded sequence per row (the baseline)."""
+    max_tokens_per_micro_batch: int = Field(4096, ge=16)
+    """Token budget of one forward/backward pass; a step accumulates gradients over as many
+    micro-batches as its samples need."""
+    logprob_chunk_size: int = Field(1024, ge=1)
+    """Rows of the LM head computed at once; bounds the fp32 logits held in memory."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (saves memory, ~18-25% slower). A per-site switch:
+    off on MN5, on at Deucalion."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    """transformers attention kernel. Packed rows need one that honours sequence boundaries:
+    sdpa/eager (dense block mask), flex_attention (block mask) or flash_attention_2 (varlen)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the trained model (bfloat16 on GPUs, float32 on CPU)."""
+    seed: int = 0
+    """Seed for torch's RNG in the trainer."""
+
+    @model_validator(mode="after")
+    def _chunk_fits(self) -> TrainerConfig:
+        if self.logprob_chunk_size > self.max_tokens_per_micro_batch:
+            raise ValueError(
+                f"logprob_chunk_size ({self.logprob_chunk_size}) exceeds "
+                f"max_tokens_per_micro_batch ({self.max_tokens_per_micro_batch}); lower it"
+            )
+        return self

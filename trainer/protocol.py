@@ -1,0 +1,56 @@
+"""Wire protocol into the trainer: scored samples of one optimizer step.
+
+Owned by the trainer (the server side of the orchestrator -> trainer boundary)
+and imported by both sides. Pure pydantic, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainSample(BaseModel):
+    """One completion with its advantage, ready for the loss."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_id: str
+    """Stable id (prompt id + sample index) so every sample can be traced end to end."""
+    prompt_ids: list[int] = Field(min_length=1)
+    """Prompt token ids as fed to the engine (BOS included if the engine added it)."""
+    completion_ids: list[int] = Field(min_length=1)
+    """Sampled completion token ids (EOS included when the engine stopped on it)."""
+    advantage: float
+    """Group-relative advantage of this completion."""
+    engine_logprobs: list[float] | None = None
+    """Logprobs the inference engine reported for each completion token (for TIS)."""
+    policy_version: int = Field(0, ge=0)
+    """Weight version that generated the completion."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSample:
+        if not math.isfinite(self.advantage):
+            raise ValueError(f"sample {self.sample_id}: advantage is {self.advantage}")
+        if self.engine_logprobs is not None and len(self.engine_logprobs) != len(
+            self.completion_ids
+        ):
+            raise ValueError(
+                f"sample {self.sample_id}: {len(self.engine_logprobs)} engine logprobs for "
+                f"{len(self.completion_ids)} completion tokens"
+            )
+        return self
+
+
+class TrainBatch(BaseModel):
+    """All samples of one optimizer step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: int = Field(ge=0)
+    """Optimizer step this batch is for (the policy version it will produce minus one)."""
+    samples: list[TrainSample] = Field(min_length=1)
+    """Scored samples; zero-variance groups are already dropped if the config says so."""
+    max_completion_length: int = Field(ge=1)
+    """Generation cap in tokens; Dr. GRPO's constant normaliser."""
