@@ -91,6 +91,9 @@ class TrainerConfig(StrictModel):
     max_tokens_per_micro_batch: int = Field(4096, ge=16)
     """Token budget of one forward/backward pass; a step accumulates gradients over as many
     micro-batches as its samples need."""
+    pack_row_tokens: int = Field(512, ge=16)
+    """Length of one packed row (raised to the longest sequence). Short rows keep sdpa's
+    dense block mask cheap; with flash/flex variable-length kernels make it large."""
     logprob_chunk_size: int = Field(1024, ge=1)
     """Rows of the LM head computed at once; bounds the fp32 logits held in memory."""
     gradient_checkpointing: bool = False

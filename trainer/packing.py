@@ -2,8 +2,9 @@
 
 Two layouts share one ``MicroBatch`` type so the loss never knows which was used:
 
-* ``packed``: sequences laid end to end in rows of at most ``max_tokens`` tokens,
-  ``position_ids`` restarting at 0 for each sequence and no 2-D attention mask.
+* ``packed``: sequences laid end to end in rows of at most ``row_tokens`` tokens,
+  ``position_ids`` restarting at 0 for each sequence and no 2-D attention mask;
+  a micro-batch stacks rows up to ``max_tokens``.
   transformers (>= 5) reads the restarting position ids as sequence boundaries
   and builds a block-diagonal causal mask (sdpa/eager), a ``BlockMask``
   (flex_attention) or variable-length calls (flash-attention), so no token
@@ -82,37 +83,58 @@ def _targets(prompt_len: int, total_len: int, offset: int) -> range:
 
 
 def build_packed(
-    seqs: Sequence[tuple[Sequence[int], Sequence[int]]], max_tokens: int
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    max_tokens: int,
+    row_tokens: int | None = None,
+    pad_id: int = 0,
 ) -> list[MicroBatch]:
-    """Pack ``(prompt_ids, completion_ids)`` pairs into one-row micro-batches."""
+    """Pack ``(prompt_ids, completion_ids)`` pairs into rows, rows into micro-batches.
+
+    Rows hold at most ``row_tokens`` tokens (raised to the longest sequence); a
+    micro-batch stacks as many rows as fit ``max_tokens``. Short rows are filled
+    with pad tokens whose positions restart at 0, so they form a dummy sequence
+    that nothing attends to. Attention under sdpa/eager costs ``rows * row_len^2``,
+    which is why rows stay short there; variable-length kernels do not care.
+    """
     lengths = [len(p) + len(c) for p, c in seqs]
+    check_lengths(lengths, max_tokens)
+    row_len = max(min(row_tokens or max_tokens, max_tokens), max(lengths))
+    rows = first_fit_decreasing(lengths, row_len)
+    per_mb = max(1, max_tokens // row_len)
     out = []
-    for members in first_fit_decreasing(lengths, max_tokens):
-        ids: list[int] = []
-        pos: list[int] = []
+    for start in range(0, len(rows), per_mb):
+        group = rows[start : start + per_mb]
+        width = max(sum(lengths[i] for i in row) for row in group)
+        ids = torch.full((len(group), width), pad_id)
+        pos = torch.zeros((len(group), width), dtype=torch.long)
         tidx: list[int] = []
         tids: list[int] = []
         sids: list[int] = []
-        for local, i in enumerate(members):
-            prompt, completion = seqs[i]
-            offset = len(ids)
-            ids.extend(prompt)
-            ids.extend(completion)
-            pos.extend(range(len(prompt) + len(completion)))
-            tidx.extend(_targets(len(prompt), len(prompt) + len(completion), offset))
-            tids.extend(completion)
-            sids.extend([local] * len(completion))
+        members: list[int] = []
+        for r, row in enumerate(group):
+            offset = 0
+            for i in row:
+                prompt, completion = seqs[i]
+                n = lengths[i]
+                ids[r, offset : offset + n] = torch.tensor([*prompt, *completion])
+                pos[r, offset : offset + n] = torch.arange(n)
+                tidx.extend(_targets(len(prompt), n, r * width + offset))
+                tids.extend(completion)
+                sids.extend([len(members)] * len(completion))
+                members.append(i)
+                offset += n
+            pos[r, offset:] = torch.arange(width - offset)
         out.append(
             MicroBatch(
-                input_ids=torch.tensor([ids]),
-                position_ids=torch.tensor([pos]),
+                input_ids=ids,
+                position_ids=pos,
                 attention_mask=None,
                 target_index=torch.tensor(tidx),
                 target_ids=torch.tensor(tids),
                 seq_ids=torch.tensor(sids),
                 sample_ids=members,
-                real_tokens=len(ids),
-                capacity=len(ids),
+                real_tokens=sum(lengths[i] for row in group for i in row),
+                capacity=len(group) * width,
             )
         )
     return out

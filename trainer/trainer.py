@@ -83,7 +83,9 @@ class Trainer:
     def layout(self, batch: TrainBatch) -> list[MicroBatch]:
         seqs = [(s.prompt_ids, s.completion_ids) for s in batch.samples]
         if self.cfg.layout == "packed":
-            return build_packed(seqs, self.cfg.max_tokens_per_micro_batch)
+            return build_packed(
+                seqs, self.cfg.max_tokens_per_micro_batch, self.cfg.pack_row_tokens, self.pad_id
+            )
         return build_padded(seqs, self.cfg.max_tokens_per_micro_batch, self.pad_id)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -29,10 +29,10 @@ def make_batch(n=12, seed=0):
     return TrainBatch(step=0, samples=samples, max_completion_length=20)
 
 
-def packed_logprobs(model, batch, budget):
+def packed_logprobs(model, batch, budget, row_tokens=None):
     seqs = [(s.prompt_ids, s.completion_ids) for s in batch.samples]
     out = {}
-    for mb in build_packed(seqs, budget):
+    for mb in build_packed(seqs, budget, row_tokens):
         lp, _ = micro_batch_logprobs(model, mb, chunk_size=16)
         for local, sample in enumerate(mb.sample_ids):
             out[sample] = lp[mb.seq_ids == local]
@@ -51,12 +51,15 @@ def alone_logprobs(model, batch):
     return out
 
 
-def test_packed_logprobs_equal_each_sequence_alone(random_llama):
+@pytest.mark.parametrize(("budget", "row_tokens"), [(64, None), (128, 32), (1000, 40)])
+def test_packed_logprobs_equal_each_sequence_alone(random_llama, budget, row_tokens):
     batch = make_batch()
+    seqs = [(s.prompt_ids, s.completion_ids) for s in batch.samples]
+    micro = build_packed(seqs, budget, row_tokens)
+    assert len(micro) < 12 and sum(len(mb.sample_ids) for mb in micro) == 12
     with torch.no_grad():
         alone = alone_logprobs(random_llama, batch)
-        packed = packed_logprobs(random_llama, batch, 64)
-    assert len(build_packed([(s.prompt_ids, s.completion_ids) for s in batch.samples], 64)) < 12
+        packed = packed_logprobs(random_llama, batch, budget, row_tokens)
     assert len(packed) == len(alone) == len(batch.samples)
     for i in alone:
         assert torch.allclose(packed[i], alone[i], atol=1e-5), f"sample {i} differs"
@@ -68,21 +71,23 @@ def test_packed_step_equals_unpacked_loss_and_grads(random_llama, loss_type):
 
     batch = make_batch()
     grads, losses = {}, {}
-    for layout, budget in (("padded", 16), ("packed", 64)):
+    for layout, budget in (("padded", 16), ("packed", 64), ("packed", 100)):
         model = copy.deepcopy(random_llama)
         cfg = TrainerConfig(
             layout=layout,
             max_tokens_per_micro_batch=max(budget, 40),
+            pack_row_tokens=32,
             logprob_chunk_size=16,
             max_grad_norm=1e9,  # compare raw gradients (the step leaves .grad in place)
             loss={"type": loss_type},
         )
         trainer = Trainer(model, cfg)
         metrics = trainer.train_step(batch)
-        losses[layout] = metrics["loss"]
-        grads[layout] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-6)
-    assert torch.allclose(grads["packed"], grads["padded"], atol=1e-6)
+        losses[budget] = metrics["loss"]
+        grads[budget] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    for packed in (64, 100):
+        assert losses[packed] == pytest.approx(losses[16], abs=1e-6)
+        assert torch.allclose(grads[packed], grads[16], atol=1e-6)
 
 
 def test_first_fit_decreasing_keeps_every_item_once():
