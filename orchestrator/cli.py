@@ -34,11 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cfg)
     ev = sub.add_parser("eval", help="greedy / pass@1 / pass@k of a model on held-out prompts")
     _add_config_args(ev)
+    from reward_envs.main import build_parser as env_parser
+
+    env_parser(sub.add_parser("env", help="check or try a reward environment"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "env":
+        from reward_envs.main import run as env_run
+
+        return env_run(args)
     from orchestrator.config import ConfigError, load_config
 
     try:
@@ -49,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(cfg.model_dump_json(indent=2))
         return 0
-    if args.command == "eval":
-        cfg = cfg.model_copy(update={"steps": 0})
-    from orchestrator.loop import run
+    from orchestrator.loop import evaluate_only, run
 
     try:
-        run(cfg)
+        if args.command == "eval":
+            evaluate_only(cfg)
+        else:
+            run(cfg)
     except (FileNotFoundError, NotImplementedError, ValueError) as e:
         print(f"caravela {args.command}: {e}", file=sys.stderr)
         return 1

@@ -102,52 +102,78 @@ def build_batch(
     ), stats
 
 
+class Policy:
+    """The model, its tokenizer, the engine sampling from it and the env scorers."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        if cfg.inference.backend.type != "transformers":
+            raise NotImplementedError(
+                "the vllm backend arrives with the inference server; "
+                'use inference.backend.type = "transformers"'
+            )
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.model, self.tok = load_policy(cfg)
+        self.engine = TransformersEngine(
+            self.model, self.tok, batch_size=cfg.inference.backend.batch_size
+        )
+        self.scorers = {e.name: load_env(e) for e in cfg.envs}
+        self.heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
+
+    def evaluate(self) -> EvalResult:
+        """Greedy, sampled pass@1 and pass@k on the held-out prompts."""
+        by_env: dict[str, list[Prompt]] = {}
+        for p in self.heldout:
+            by_env.setdefault(p.env or self.cfg.datasets[0].env, []).append(p)
+        if len(by_env) != 1:
+            raise ValueError("held-out evaluation takes prompts of one env; split the file")
+        env, prompts = next(iter(by_env.items()))
+        rows = [{"prompt": p.text, **p.fields} for p in prompts]
+        c = self.cfg
+        result = evaluate_passk(
+            self.model,
+            self.tok,
+            rows,
+            self.scorers[env],
+            k=c.eval.k,
+            temperature=c.rollout.temperature,
+            max_new_tokens=c.rollout.max_new_tokens,
+            seed=c.seed,
+        )
+        self.model.train()
+        return result
+
+
+def describe(name: str, r: EvalResult) -> str:
+    return (
+        f"{name}: greedy {r.greedy_acc:.3f}  pass@1 {r.pass1:.3f}  pass@{r.k} {r.passk:.3f}"
+        f"  ({r.n_prompts} held-out prompts)"
+    )
+
+
+def evaluate_only(cfg: RunConfig, log: Any = print) -> EvalResult:
+    result = Policy(cfg).evaluate()
+    log(describe("eval", result))
+    return result
+
+
 def run(cfg: RunConfig, log: Any = print) -> RunSummary:
     """Evaluate, train ``cfg.steps`` GRPO steps, evaluate again."""
-    if cfg.inference.backend.type != "transformers":
-        raise NotImplementedError(
-            "the vllm backend arrives with the inference server; "
-            'use inference.backend.type = "transformers"'
-        )
-    torch.manual_seed(cfg.seed)
+    policy = Policy(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    model, tok = load_policy(cfg)
-    engine = TransformersEngine(model, tok, batch_size=cfg.inference.backend.batch_size)
-    trainer = Trainer(model, cfg.trainer, pad_id=tok.pad_token_id)
-    scorers = {e.name: load_env(e) for e in cfg.envs}
+    trainer = Trainer(policy.model, cfg.trainer, pad_id=policy.tok.pad_token_id)
     sampler = PromptSampler(cfg.datasets, cfg.seed)
-    heldout = [{"prompt": p.text, **p.fields} for p in read_jsonl(cfg.eval.heldout)]
-    heldout = heldout[: cfg.eval.num_prompts]
-    arith = scorers[cfg.datasets[0].env]
-
-    def evaluate() -> EvalResult:
-        r = evaluate_passk(
-            model,
-            tok,
-            heldout,
-            arith,
-            k=cfg.eval.k,
-            temperature=cfg.rollout.temperature,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.seed,
-        )
-        model.train()
-        return r
-
-    before = evaluate()
-    log(
-        f"before: greedy {before.greedy_acc:.3f}  pass@1 {before.pass1:.3f}  "
-        f"pass@{before.k} {before.passk:.3f}  ({before.n_prompts} held-out prompts)"
-    )
     sampling = SamplingParams(
         n=cfg.rollout.group_size,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
         max_tokens=cfg.rollout.max_new_tokens,
     )
-    history = []
+    before = policy.evaluate()
+    log(describe("before", before))
+    history: list[dict[str, float]] = []
     token_cache: dict[str, list[int]] = {}
     with open(out_dir / "metrics.jsonl", "w") as metrics_file:
         for step in range(cfg.steps):
@@ -155,15 +181,17 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
             prompts = sampler.sample(cfg.rollout.prompts_per_step)
             requests = [
                 GenerateRequest(
-                    request_id=p.id, prompt_ids=tokenize(tok, p, token_cache), sampling=sampling
+                    request_id=p.id,
+                    sampling=sampling,
+                    prompt_ids=tokenize(policy.tok, p, token_cache),
                 )
                 for p in prompts
             ]
-            results = engine.generate(requests)
-            batch, metrics = build_batch(step, prompts, requests, results, scorers, cfg)
+            results = policy.engine.generate(requests)
+            batch, metrics = build_batch(step, prompts, requests, results, policy.scorers, cfg)
             if batch is not None:
                 metrics.update(trainer.train_step(batch))
-            engine.version = trainer.version  # shared model object: the weight push is free
+            policy.engine.version = trainer.version  # shared model object: the push is free
             metrics.update(step=float(step), step_seconds=time.perf_counter() - t0)
             history.append(metrics)
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -173,11 +201,8 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
                     f"groups kept {int(metrics['groups_kept'])}/{len(prompts)}  "
                     f"{metrics['step_seconds']:.2f} s/step"
                 )
-    after = evaluate()
-    log(
-        f"after:  greedy {after.greedy_acc:.3f}  pass@1 {after.pass1:.3f}  "
-        f"pass@{after.k} {after.passk:.3f}"
-    )
+    after = policy.evaluate()
+    log(describe("after ", after))
     return RunSummary(before=before, after=after, history=history)
 
 

@@ -118,7 +118,7 @@ class Trainer:
         out.update(
             loss=total_loss,
             grad_norm=float(grad_norm),
-            lr=self.scheduler.get_last_lr()[0],
+            lr=float(self.scheduler.get_last_lr()[0]),
             micro_batches=float(len(micro)),
             padding_frac=padding_fraction(micro),
             tokens=float(sum(mb.real_tokens for mb in micro)),

@@ -1,0 +1,104 @@
+"""The single-process GRPO run on the shipped tiny model learns, and loses no sample."""
+
+import math
+
+import pytest
+
+from inference_server.protocol import Completion, GenerateRequest, GenerateResult
+from orchestrator.config import load_config
+from orchestrator.data import Prompt
+from orchestrator.loop import build_batch, run
+from orchestrator.scoring import score_one
+
+
+@pytest.mark.slow
+def test_grpo_run_raises_heldout_accuracy(tmp_path):
+    """25 GRPO steps on the tiny model: held-out sampled pass@1 rises clearly.
+
+    Measured on 2 cores: ~+15 points after 30 steps. The bar here is +5 points on
+    256 prompts x 8 samples (std. error of one pass@1 estimate ~1 point).
+    """
+    cfg = load_config(
+        overrides=[
+            "steps=25",
+            "eval.num_prompts=256",
+            f"output_dir='{tmp_path}'",
+        ]
+    )
+    summary = run(cfg, log=lambda *_: None)
+    assert summary.after.pass1 > summary.before.pass1 + 0.05, summary
+    rewards = [m["reward_mean"] for m in summary.history]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 25
+
+
+def completion(text, tokens):
+    return Completion(
+        token_ids=tokens,
+        text=text,
+        logprobs=[-1.0] * len(tokens),
+        finish_reason="stop",
+        policy_version=0,
+        engine_id="t",
+    )
+
+
+def test_build_batch_keeps_every_sample_of_every_kept_group():
+    cfg = load_config(overrides=["advantage.drop_zero_variance=true"])
+    prompts = [
+        Prompt(id=f"p{i}", text="Q: 1+1+1 A: ", env="arith", fields={"answer": "3"})
+        for i in range(3)
+    ]
+    requests = [GenerateRequest(request_id=p.id, prompt_ids=[1, 2]) for p in prompts]
+    right, wrong = "1+1=2, 2+1=3. The answer is 3.", "1+1=2, 2+1=4. The answer is 4."
+    texts = [[right, wrong], [right, right], [wrong, wrong, right, wrong]]
+    results = [
+        GenerateResult(request_id=p.id, completions=[completion(t, [5, 6]) for t in ts])
+        for p, ts in zip(prompts, texts, strict=True)
+    ]
+    scorers = {"arith": lambda prompt, completion, answer: float(f"is {answer}." in completion)}
+    batch, stats = build_batch(0, prompts, requests, results, scorers, cfg)
+    ids = sorted(s.sample_id for s in batch.samples)
+    assert ids == ["p0/0", "p0/1", "p2/0", "p2/1", "p2/2", "p2/3"]  # p1 has no signal
+    assert stats["groups_zero_variance"] == 1 and stats["groups_kept"] == 2
+    adv = {s.sample_id: s.advantage for s in batch.samples}
+    assert adv["p0/0"] > 0 > adv["p0/1"] and adv["p2/2"] > 0 > adv["p2/0"]
+
+
+def test_env_errors_are_counted_never_scored_zero():
+    cfg = load_config()
+    prompts = [Prompt(id="p0", text="Q", env="arith", fields={"answer": "3"})]
+    requests = [GenerateRequest(request_id="p0", prompt_ids=[1])]
+    results = [
+        GenerateResult(request_id="p0", completions=[completion("a", [5]), completion("b", [6])])
+    ]
+
+    def flaky(prompt, completion, answer):
+        if completion == "b":
+            raise RuntimeError("verifier crashed")
+        return 1.0
+
+    batch, stats = build_batch(0, prompts, requests, results, {"arith": flaky}, cfg)
+    assert batch is None
+    assert stats["reward_errors"] == 1
+    assert math.isnan(stats["reward_mean"])  # nothing was scored 0 in its place
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (float("nan"), "must be finite"),
+        ("1.0", "must be a float"),
+        (None, "must be a float"),
+        (True, "must be a float"),
+    ],
+)
+def test_bad_reward_values_become_error_results(value, error):
+    s = score_one(lambda *a, **k: value, "p", "c", {})
+    assert s.value is None and error in s.error
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    cfg = load_config(overrides=[f"model='{tmp_path}'", f"output_dir='{tmp_path}/o'"])
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        run(cfg)
