@@ -62,7 +62,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += g.t() @ h.float()
+                # matmul in the activations' dtype (bf16 tensor cores on GPU), sum in fp32
+                grad_weight += (g.t().to(h.dtype) @ h).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None

@@ -31,14 +31,18 @@ from trainer.protocol import TrainBatch
 
 def hidden_at(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states ``[N, H]`` at the positions that predict completion tokens."""
+    dev = next(model.parameters()).device
+    mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
     out = model.base_model(  # type: ignore[operator]
-        input_ids=mb.input_ids,
-        position_ids=mb.position_ids,
-        attention_mask=mb.attention_mask,
+        input_ids=mb.input_ids.to(dev),
+        position_ids=mb.position_ids.to(dev),
+        attention_mask=mask,
+        # transformers reads restarting position ids as sequence boundaries only when there is
+        # no KV cache; with a cache, packed sequences would attend to each other.
         use_cache=False,
     )
     hidden = out.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])[mb.target_index]
+    return hidden.reshape(-1, hidden.shape[-1])[mb.target_index.to(dev)]
 
 
 def micro_batch_logprobs(
@@ -48,7 +52,8 @@ def micro_batch_logprobs(
     head = model.get_output_embeddings()  # type: ignore[operator]
     if getattr(head, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by the chunked logprob path")
-    return token_logprobs(hidden_at(model, mb), head.weight, mb.target_ids, chunk_size)
+    targets = mb.target_ids.to(head.weight.device)
+    return token_logprobs(hidden_at(model, mb), head.weight, targets, chunk_size)
 
 
 class Trainer:
@@ -136,12 +141,13 @@ class Trainer:
         num_tokens: int,
     ) -> LossInputs:
         samples = [batch.samples[i] for i in mb.sample_ids]
+        dev = logps.device
         extra: dict[str, Any] = {}
         if self.loss_params.tis_cap is not None:
             if any(s.engine_logprobs is None for s in samples):
                 raise ValueError("loss.tis_cap is set but some samples carry no engine_logprobs")
             extra["engine_logprobs"] = torch.tensor(
-                [lp for s in samples for lp in s.engine_logprobs or []]
+                [lp for s in samples for lp in s.engine_logprobs or []], device=dev
             )
         if self.ref_model is not None:
             with torch.no_grad():
@@ -151,8 +157,10 @@ class Trainer:
         return LossInputs(
             logprobs=logps,
             old_logprobs=logps.detach(),
-            advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
-            seq_ids=mb.seq_ids,
+            advantages=torch.tensor(
+                [s.advantage for s in samples], dtype=torch.float32, device=dev
+            ),
+            seq_ids=mb.seq_ids.to(dev),
             num_sequences=len(batch.samples),
             num_tokens=num_tokens,
             max_completion_length=batch.max_completion_length,
