@@ -65,7 +65,7 @@ class TransformersEngine:
         sampling: dict[str, Any] = {"do_sample": False}
         if p.temperature > 0:
             sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
-            sampling["top_k"] = p.top_k or None
+            sampling["top_k"] = p.top_k  # 0 = off (HF's generation default would be 50)
         if p.stop:
             sampling.update(stop_strings=p.stop, tokenizer=self.tokenizer)
         out = self.model.generate(

@@ -140,7 +140,6 @@ class Policy:
             max_new_tokens=c.rollout.max_new_tokens,
             seed=c.seed,
         )
-        self.model.train()
         return result
 
 

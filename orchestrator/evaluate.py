@@ -1,0 +1,100 @@
+"""Offline pass@k evaluation of a HF causal LM on verifiable prompts (greedy, pass@1, pass@k).
+
+Owns :func:`evaluate_passk`, used by the CLI, the tiny model's build script and
+``examples/tiny_arith/measure_passk.py``. It samples through the transformers engine
+(``inference_server.transformers_backend``), the same path RL rollouts take. The input is
+``<s>`` + prompt (encoded without special tokens, BOS prepended by hand, so tokenizers with or
+without a BOS post-processor behave the same). A completion is scored with
+``score_fn(prompt, completion, answer) -> float`` (e.g. the built-in ``arith`` env) and counts
+as correct when its score is >= 0.5. Sampling is seeded and does not disturb the caller's
+global torch RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from inference_server.protocol import GenerateRequest, SamplingParams
+from inference_server.transformers_backend import TransformersEngine
+
+ScoreFn = Callable[[str, str, str], float]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of one evaluation run; ``pass1``/``passk`` use ``k`` samples per prompt."""
+
+    greedy_acc: float  # fraction of prompts solved by greedy decoding
+    pass1: float  # mean accuracy over all k samples (unbiased pass@1 estimate)
+    passk: float  # fraction of prompts with >= 1 correct among k samples
+    n_prompts: int
+    k: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def evaluate_passk(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    score_fn: ScoreFn,
+    k: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int = 40,
+    batch_size: int = 256,
+    seed: int = 0,
+    greedy: bool = True,
+) -> EvalResult:
+    """Greedy accuracy, sampled pass@1 and pass@k of ``model`` on ``rows``.
+
+    ``rows`` need ``prompt`` and ``answer`` keys. ``batch_size`` bounds the number of sequences
+    per ``generate`` call. ``greedy=False`` skips the greedy pass (``greedy_acc`` is then NaN).
+    The model's train/eval mode is left as it was.
+    """
+    if not rows:
+        raise ValueError("evaluate_passk needs at least one row")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
+    bos = tokenizer.bos_token_id
+    prompt_ids = [
+        [bos, *tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]] for r in rows
+    ]
+
+    def texts(params: SamplingParams) -> list[list[str]]:
+        requests = [
+            GenerateRequest(request_id=str(i), prompt_ids=ids, sampling=params)
+            for i, ids in enumerate(prompt_ids)
+        ]
+        return [[c.text for c in res.completions] for res in engine.generate(requests)]
+
+    def hits(row: dict[str, Any], completions: list[str]) -> int:
+        return sum(score_fn(row["prompt"], c, str(row["answer"])) >= 0.5 for c in completions)
+
+    greedy_hits = 0
+    if greedy:
+        outs = texts(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
+        greedy_hits = sum(hits(r, o) for r, o in zip(rows, outs, strict=True))
+
+    device = next(model.parameters()).device
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        sampled = texts(SamplingParams(n=k, temperature=temperature, max_tokens=max_new_tokens))
+    per_prompt = [hits(r, o) for r, o in zip(rows, sampled, strict=True)]
+    sample_hits = sum(per_prompt)
+    solved = sum(h > 0 for h in per_prompt)
+
+    n = len(rows)
+    return EvalResult(
+        greedy_acc=greedy_hits / n if greedy else float("nan"),
+        pass1=sample_hits / (n * k),
+        passk=solved / n,
+        n_prompts=n,
+        k=k,
+    )

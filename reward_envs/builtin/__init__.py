@@ -1,0 +1,1 @@
+"""Reward environments that ship inside the Caravela repo (no download needed)."""
