@@ -23,9 +23,6 @@ grad-norm clip, AdamW):
                      mask; rows of ``--sdpa-row-tokens``, default 2048).
 * ``padded_chunked`` the project's padded layout: padded rows + attention_mask, but the
                      chunked LM head instead of full logits (isolates the logprob gain).
-* ``packed_flex_bf16_wgrad``  packed_flex with a bench-only patch of the chunked LM
-                     head's backward: the weight-gradient matmul in bf16 (trainer.logprobs
-                     does it in fp32, which skips the tensor cores' bf16 rate).
 * ``packed_flex_static`` (not run by default; run automatically if packed_flex errors)
                      packed_flex with rows padded to one static width, so flex compiles
                      once without dynamic shapes.
@@ -86,7 +83,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from trainer.logprobs import _ChunkedTokenLogprobs, token_logprobs  # noqa: E402
+from trainer.logprobs import token_logprobs  # noqa: E402
 from trainer.loss import LossInputs, LossParams, policy_loss  # noqa: E402
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction  # noqa: E402
 
@@ -97,10 +94,9 @@ VARIANTS = (
     "packed_sdpa",
     "padded_chunked",
     "packed_flex",
-    "packed_flex_bf16_wgrad",
     "packed_flex_static",
 )
-DEFAULT_VARIANTS = VARIANTS[:5]
+DEFAULT_VARIANTS = VARIANTS[:4]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 PEAK_BF16_PCIE = {"H100": 756e12}
 
@@ -250,37 +246,7 @@ def pad_width(mb: MicroBatch, width: int) -> MicroBatch:
     )
 
 
-class _Bf16WgradLogprobs(_ChunkedTokenLogprobs):
-    """Bench-only experiment: trainer.logprobs' backward with the LM-head weight-gradient
-    matmul in the weight dtype (bf16 tensor cores) instead of fp32, accumulated in fp32
-    across chunks. Forward is inherited unchanged."""
-
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy):  # type: ignore[override]
-        hidden, weight, targets = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            h = hidden[sl]
-            logits = (h @ weight.t()).float() / ctx.temperature
-            g = -torch.softmax(logits, dim=-1)
-            g.scatter_add_(1, targets[sl, None], torch.ones_like(targets[sl, None], dtype=g.dtype))
-            g = (g * (grad_logps[sl, None] / ctx.temperature)).to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[sl] = (g @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (g.t() @ h.to(weight.dtype)).float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
-
-
-def micro_batch_logprobs(
-    model: torch.nn.Module, mb: MicroBatch, chunk: int, bf16_wgrad: bool = False
-) -> torch.Tensor:
+def micro_batch_logprobs(model: torch.nn.Module, mb: MicroBatch, chunk: int) -> torch.Tensor:
     """The project's path (mirrors trainer.trainer.hidden_at + micro_batch_logprobs)."""
     out = model.base_model(
         input_ids=mb.input_ids,
@@ -291,15 +257,8 @@ def micro_batch_logprobs(
     hidden = out.last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])[mb.target_index]
     head = model.get_output_embeddings()
-    if bf16_wgrad:
-        logps, _entropy = _Bf16WgradLogprobs.apply(hidden, head.weight, mb.target_ids, chunk, 1.0)
-    else:
-        logps, _entropy = token_logprobs(hidden, head.weight, mb.target_ids, chunk)
+    logps, _entropy = token_logprobs(hidden, head.weight, mb.target_ids, chunk)
     return logps
-
-
-def bf16_wgrad_logprobs(model: torch.nn.Module, mb: MicroBatch, chunk: int) -> torch.Tensor:
-    return micro_batch_logprobs(model, mb, chunk, bf16_wgrad=True)
 
 
 def full_logits_logprobs(model: torch.nn.Module, mb: MicroBatch, chunk: int) -> torch.Tensor:
@@ -353,12 +312,6 @@ def variants_table() -> dict[str, Variant]:
         ),
         "padded_chunked": Variant(
             "sdpa", padded, micro_batch_logprobs, "padded + attention_mask, chunked"
-        ),
-        "packed_flex_bf16_wgrad": Variant(
-            "flex_attention",
-            packed_flex,
-            bf16_wgrad_logprobs,
-            "packed_flex, LM-head weight grad matmul in bf16 (bench-only patch)",
         ),
         "packed_flex_static": Variant(
             "flex_attention",
@@ -689,16 +642,11 @@ def main(argv: list[str] | None = None) -> dict:
         train(name)
     check(plain + ["leak_control"])
     for name in flex:
-        flex_status = out["results"].get("packed_flex", {}).get("status")
-        if name == "packed_flex_bf16_wgrad" and flex_status not in (None, "ok", "skipped"):
-            out["results"][name] = {"status": "skipped", "reason": f"packed_flex: {flex_status}"}
-            continue
         train(name)
         if name == "packed_flex" and out["results"].get(name, {}).get("status") == "error":
             if "packed_flex_static" not in flex:
                 print("[packed_flex] failed; retrying with static shapes (packed_flex_static)")
                 train("packed_flex_static")
-    # packed_flex_bf16_wgrad has packed_flex's forward: nothing new to check.
     check([n for n in ("packed_flex", "packed_flex_static") if n in out["results"]])
     for ref in ("padded_hf", "padded_chunked"):  # the second in case the first OOMs
         base = out["results"].get(ref, {}).get("useful_tokens_per_s")
