@@ -31,6 +31,14 @@ class VLLMBackend(StrictModel):
     """Share of each GPU's memory vLLM may take (weights + KV cache)."""
     cpu_kvcache_gib: int = Field(1, ge=1)
     """KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``), in GiB."""
+    bucket_mb: int = Field(256, ge=1)
+    """Weight updates are sent in buckets of about this many MiB."""
+    probe_sequences: int = Field(4, ge=1)
+    """Fixed sequences whose logprobs are compared between trainer and engine after each
+    weight update."""
+    probe_tolerance: float = Field(1e-3, gt=0.0)
+    """Max |engine - trainer| logprob allowed by the probe (fp32 ~1e-5 measured; bf16 needs
+    ~5e-2). Beyond it the run stops: the engine would be sampling from wrong weights."""
 
 
 InferenceBackend = Annotated[TransformersBackend | VLLMBackend, Field(discriminator="type")]

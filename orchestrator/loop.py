@@ -22,8 +22,11 @@ from orchestrator.data import Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult, evaluate_passk
 from orchestrator.scoring import ScoreFn, load_env, score_one
 from trainer.advantages import compute_advantages
+from trainer.packing import build_packed
 from trainer.protocol import TrainBatch, TrainSample
-from trainer.trainer import Trainer
+from trainer.trainer import Trainer, micro_batch_logprobs
+
+Engine = Any  # TransformersEngine | VLLMEngine: same generate() contract
 
 
 @dataclass
@@ -106,19 +109,58 @@ class Policy:
     """The model, its tokenizer, the engine sampling from it and the env scorers."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        if cfg.inference.backend.type != "transformers":
-            raise NotImplementedError(
-                "the vllm backend arrives with the inference server; "
-                'use inference.backend.type = "transformers"'
-            )
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.model, self.tok = load_policy(cfg)
-        self.engine = TransformersEngine(
-            self.model, self.tok, batch_size=cfg.inference.backend.batch_size
-        )
         self.scorers = {e.name: load_env(e) for e in cfg.envs}
         self.heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
+        backend = cfg.inference.backend
+        self.engine: Engine
+        if backend.type == "transformers":
+            self.engine = TransformersEngine(self.model, self.tok, batch_size=backend.batch_size)
+        else:
+            from inference_server.vllm_backend import VLLMEngine
+
+            self.engine = VLLMEngine(
+                cfg.model,
+                dtype=cfg.trainer.dtype,
+                seed=cfg.seed,
+                tensor_parallel_size=backend.tensor_parallel_size,
+                gpu_memory_utilization=backend.gpu_memory_utilization,
+                cpu_kvcache_gib=backend.cpu_kvcache_gib,
+            )
+            cache: dict[str, list[int]] = {}
+            self.probe = [
+                tokenize(self.tok, p, cache) for p in self.heldout[: backend.probe_sequences]
+            ]
+
+    def close(self) -> None:
+        """Stop engine processes (vLLM) now instead of at interpreter exit."""
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def push(self, version: int) -> dict[str, float]:
+        """Give the engine the trainer's weights as ``version`` and verify them."""
+        from inference_server.vllm_backend import VLLMEngine
+
+        if not isinstance(self.engine, VLLMEngine):
+            self.engine.version = version  # shared model object: nothing to send
+            return {}
+        backend = self.cfg.inference.backend
+        assert backend.type == "vllm"
+        state = {k: v for k, v in self.model.state_dict().items() if k in self.engine.shapes}
+        metrics = self.engine.update_weights(version, state, backend.bucket_mb << 20)
+        (mb,) = build_packed([(s[:1], s[1:]) for s in self.probe], 1 << 20)
+        with torch.no_grad():
+            lp, _ = micro_batch_logprobs(self.model, mb, self.cfg.trainer.logprob_chunk_size)
+        expected = [
+            lp[mb.seq_ids == mb.sample_ids.index(i)].tolist() for i in range(len(self.probe))
+        ]
+        metrics["weight_sync/probe_max_diff"] = self.engine.probe(
+            self.probe, expected, backend.probe_tolerance
+        )
+        return metrics
 
     def evaluate(self) -> EvalResult:
         """Greedy, sampled pass@1 and pass@k on the held-out prompts."""
@@ -151,7 +193,9 @@ def describe(name: str, r: EvalResult) -> str:
 
 
 def evaluate_only(cfg: RunConfig, log: Any = print) -> EvalResult:
-    result = Policy(cfg).evaluate()
+    policy = Policy(cfg)
+    result = policy.evaluate()
+    policy.close()
     log(describe("eval", result))
     return result
 
@@ -190,7 +234,7 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
             batch, metrics = build_batch(step, prompts, requests, results, policy.scorers, cfg)
             if batch is not None:
                 metrics.update(trainer.train_step(batch))
-            policy.engine.version = trainer.version  # shared model object: the push is free
+            metrics.update(policy.push(trainer.version))
             metrics.update(step=float(step), step_seconds=time.perf_counter() - t0)
             history.append(metrics)
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -202,6 +246,7 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
                 )
     after = policy.evaluate()
     log(describe("after ", after))
+    policy.close()
     return RunSummary(before=before, after=after, history=history)
 
 
