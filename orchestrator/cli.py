@@ -37,11 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     from reward_envs.main import build_parser as env_parser
 
     env_parser(sub.add_parser("env", help="check or try a reward environment"))
+    from inference_server.serve import add_arguments
+
+    add_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server on a model dir"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from inference_server.serve import serve
+
+        try:
+            return serve(args)
+        except FileNotFoundError as e:
+            print(f"caravela serve: {e}", file=sys.stderr)
+            return 2
     if args.command == "env":
         from reward_envs.main import run as env_run
 

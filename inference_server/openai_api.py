@@ -1,0 +1,235 @@
+"""OpenAI-compatible HTTP front of an engine: evaluate the current policy with any client.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health`` and ``GET /metrics`` (Prometheus text). Bound to 127.0.0.1 unless
+``--host`` says otherwise: the server has no authentication of its own, so expose
+it only through an SSH tunnel or behind the cluster's own access control.
+
+The engine is not thread-safe; requests are served one at a time under a lock
+(the engine batches the ``n`` samples and the prompts of one request).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int = Field(64, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def params(self) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            stop=stop,
+            seed=self.seed,
+        )
+
+
+class CompletionRequest(_Sampling):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: str | list[str] = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    policy_version: int
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: str
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    policy_version: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "caravela"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    policy_version: int
+
+
+def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
+    """An app serving ``engine`` (any object with ``generate`` and ``version``)."""
+    app = FastAPI(title="Caravela inference server")
+    lock = threading.Lock()
+    started = int(time.time())
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "caravela_inference_requests", "HTTP generation requests", ["route"], registry=registry
+    )
+    tokens_total = Counter(
+        "caravela_inference_generated_tokens", "Completion tokens generated", registry=registry
+    )
+    version_gauge = Gauge(
+        "caravela_inference_policy_version", "Weight version served", registry=registry
+    )
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+    def run(prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
+        reqs = [
+            GenerateRequest(request_id=str(i), prompt_ids=p, sampling=params)
+            for i, p in enumerate(prompts)
+        ]
+        try:
+            with lock:
+                results = engine.generate(reqs)
+        except ValueError as e:  # e.g. prompt + max_tokens longer than the context
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        tokens_total.inc(sum(len(c.token_ids) for r in results for c in r.completions))
+        return results
+
+    def usage(prompts: list[list[int]], results: list[GenerateResult], n: int) -> Usage:
+        p = sum(len(x) for x in prompts) * n
+        c = sum(len(c.token_ids) for r in results for c in r.completions)
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, model_name):
+            raise HTTPException(
+                404, detail=f"model {name!r} is not served here; use {model_name!r}"
+            )
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(model=model_name, policy_version=engine.version)
+
+    @app.get("/v1/models", response_model=ModelList)
+    def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=started)])
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    def completions(body: CompletionRequest) -> CompletionResponse:
+        check_model(body.model)
+        requests_total.labels("completions").inc()
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = [encode(t) for t in texts]
+        results = run(prompts, body.params())
+        choices = [
+            CompletionChoice(index=i * body.n + j, text=c.text, finish_reason=c.finish_reason)
+            for i, r in enumerate(results)
+            for j, c in enumerate(r.completions)
+        ]
+        return CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model_name,
+            choices=choices,
+            usage=usage(prompts, results, body.n),
+            policy_version=engine.version,
+        )
+
+    @app.post("/v1/chat/completions", response_model=ChatResponse)
+    def chat(body: ChatRequest) -> ChatResponse:
+        check_model(body.model)
+        requests_total.labels("chat").inc()
+        messages = [m.model_dump() for m in body.messages]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:  # models without a chat template (the tiny default): the contents, in order
+            text = "".join(m["content"] for m in messages)
+        prompts = [encode(text)]
+        (result,) = run(prompts, body.params())
+        choices = [
+            ChatChoice(
+                index=j, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason
+            )
+            for j, c in enumerate(result.completions)
+        ]
+        return ChatResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model_name,
+            choices=choices,
+            usage=usage(prompts, [result], body.n),
+            policy_version=engine.version,
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        version_gauge.set(engine.version)
+        return PlainTextResponse(generate_latest(registry).decode())
+
+    return app

@@ -1,0 +1,61 @@
+"""``caravela serve [MODEL_DIR]``: the OpenAI-compatible server on one engine, standalone."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from orchestrator.paths import TINY_MODEL
+
+    p.add_argument(
+        "model_dir",
+        nargs="?",
+        type=Path,
+        default=TINY_MODEL,
+        help="HF-format model directory (default: the shipped tiny model)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address; the server has no auth, keep it on loopback",
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="vllm")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--name", help="model name clients send (default: the directory name)")
+
+
+def build_engine(model_dir: Path, backend: str, dtype: str) -> tuple[Any, Any]:
+    """An engine and its tokenizer; a bad model dir is a clear error before any load."""
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a HF model directory (no config.json)")
+    if backend == "vllm":
+        from inference_server.vllm_backend import VLLMEngine
+
+        engine = VLLMEngine(model_dir, dtype=dtype)  # type: ignore[arg-type]
+        return engine, engine.tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference_server.transformers_backend import TransformersEngine
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return TransformersEngine(model, tok), tok
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from inference_server.openai_api import create_app
+
+    engine, tok = build_engine(args.model_dir, args.backend, args.dtype)
+    name = args.name or args.model_dir.name
+    print(
+        f"serving {args.model_dir} as {name!r} ({args.backend}) on http://{args.host}:{args.port}/v1"
+    )
+    uvicorn.run(create_app(engine, tok, name), host=args.host, port=args.port, log_level="warning")
+    return 0
