@@ -178,7 +178,7 @@ class VLLMEngine:
             )
 
     def update_weights(
-        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 256 << 20
+        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 1 << 20
     ) -> dict[str, float]:
         """Validate, send in buckets of ~``bucket_bytes``, then swap in at once."""
         import time
