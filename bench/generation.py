@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from inference_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
+from inference_server.tokens import encode_prompts  # noqa: E402
 from inference_server.transformers_backend import TransformersEngine  # noqa: E402
 from inference_server.vllm_backend import VLLMEngine  # noqa: E402
 from orchestrator.paths import TINY_HELDOUT, TINY_MODEL  # noqa: E402
@@ -64,13 +65,10 @@ def make_random(dirpath: Path, shape: tuple[int, int, int, int]) -> int:
 def requests(tok) -> list[GenerateRequest]:
     rows = [json.loads(x) for x in TINY_HELDOUT.read_text().splitlines()[:64]]
     sp = SamplingParams(n=8, temperature=1.0, max_tokens=32, seed=0)
+    prompt_ids = encode_prompts(tok, [r["prompt"] for r in rows])
     return [
-        GenerateRequest(
-            request_id=r["id"],
-            prompt_ids=[tok.bos_token_id, *tok(r["prompt"], add_special_tokens=False)["input_ids"]],
-            sampling=sp,
-        )
-        for r in rows
+        GenerateRequest(request_id=r["id"], prompt_ids=ids, sampling=sp)
+        for r, ids in zip(rows, prompt_ids, strict=True)
     ]
 
 

@@ -37,17 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from inference_server.tokens import encode_prompts
     from inference_server.transformers_backend import TransformersEngine
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(args.model_dir), tok)
     requests = [
-        GenerateRequest(
-            request_id=str(i),
-            prompt_ids=[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]],
-            sampling=sampling,
-        )
-        for i, text in enumerate(args.prompt)
+        GenerateRequest(request_id=str(i), prompt_ids=ids, sampling=sampling)
+        for i, ids in enumerate(encode_prompts(tok, args.prompt))
     ]
     for req, res in zip(requests, engine.generate(requests), strict=True):
         for c in res.completions:

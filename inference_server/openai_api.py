@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
+from inference_server.tokens import encode_prompts
 
 
 class _Sampling(BaseModel):
@@ -142,10 +143,6 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         "caravela_inference_policy_version", "Weight version served", registry=registry
     )
 
-    def encode(text: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
-
     def run(prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
         reqs = [
             GenerateRequest(request_id=str(i), prompt_ids=p, sampling=params)
@@ -183,7 +180,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         check_model(body.model)
         requests_total.labels("completions").inc()
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompts = [encode(t) for t in texts]
+        prompts = encode_prompts(tokenizer, texts)
         results = run(prompts, body.params())
         choices = [
             CompletionChoice(index=i * body.n + j, text=c.text, finish_reason=c.finish_reason)
@@ -210,7 +207,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
             )
         else:  # models without a chat template (the tiny default): the contents, in order
             text = "".join(m["content"] for m in messages)
-        prompts = [encode(text)]
+        prompts = encode_prompts(tokenizer, [text])
         (result,) = run(prompts, body.params())
         choices = [
             ChatChoice(

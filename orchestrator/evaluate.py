@@ -2,12 +2,11 @@
 
 Owns :func:`evaluate_passk`, used by the CLI, the tiny model's build script and
 ``examples/tiny_arith/measure_passk.py``. It samples through the transformers engine
-(``inference_server.transformers_backend``), the same path RL rollouts take. The input is
-``<s>`` + prompt (encoded without special tokens, BOS prepended by hand, so tokenizers with or
-without a BOS post-processor behave the same). A completion is scored with
-``score_fn(prompt, completion, answer) -> float`` (e.g. the built-in ``arith`` env) and counts
-as correct when its score is >= 0.5. Sampling is seeded and does not disturb the caller's
-global torch RNG.
+(``inference_server.transformers_backend``), the same path RL rollouts take. Prompts are
+encoded by ``inference_server.tokens.encode_prompts`` (``<s>`` + prompt). A completion is
+scored with ``score_fn(prompt, completion, answer) -> float`` (e.g. the built-in ``arith``
+env) and counts as correct when its score is >= 0.5. Sampling is seeded and does not disturb
+the caller's global torch RNG.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from inference_server.protocol import GenerateRequest, SamplingParams
+from inference_server.tokens import encode_prompts
 from inference_server.transformers_backend import TransformersEngine
 
 ScoreFn = Callable[[str, str, str], float]
@@ -61,10 +61,7 @@ def evaluate_passk(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
-    bos = tokenizer.bos_token_id
-    prompt_ids = [
-        [bos, *tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]] for r in rows
-    ]
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows])
 
     def texts(params: SamplingParams) -> list[list[str]]:
         requests = [
