@@ -7,52 +7,13 @@ Data: ``--num-seqs`` sequences per optimizer step, lengths uniform in ``--seq-le
 (the rest; the loss covers completion tokens only). Every variant sees the same
 steps' samples and the same token budget per micro-batch (``--budget``).
 
-Variants (one optimizer step = layout, per-micro-batch forward + GRPO loss + backward,
-grad-norm clip, AdamW):
-
-* ``padded_hf``      baseline: ``trainer.packing.build_padded`` micro-batches (one
-                     right-padded sequence per row, ``rows * longest <= budget``),
-                     2-D attention_mask, sdpa, full ``model(...).logits``,
-                     ``log_softmax(logits.float())`` + gather, same GRPO loss.
-* ``packed_flex``    the project's path: ``build_packed`` rows (``--flex-row-tokens``,
-                     default = budget, i.e. one long row), no attention_mask, restarting
-                     position_ids (transformers >= 5 turns them into a flex BlockMask),
-                     final hidden states -> ``trainer.logprobs.token_logprobs`` (chunked
-                     LM head) -> ``trainer.loss.policy_loss("grpo")``.
-* ``packed_sdpa``    same with sdpa (transformers builds a dense block-diagonal 4-D
-                     mask; rows of ``--sdpa-row-tokens``, default 2048).
-* ``padded_chunked`` the project's padded layout: padded rows + attention_mask, but the
-                     chunked LM head instead of full logits (isolates the logprob gain).
-* ``packed_flex_static`` (not run by default; run automatically if packed_flex errors)
-                     packed_flex with rows padded to one static width, so flex compiles
-                     once without dynamic shapes.
-
-Order: the non-flex variants first, then their correctness check, then flex (its first
-compile can take minutes) and its check.
-
-Reported per variant: useful (non-pad) tokens/s, MFU, peak memory
-(``torch.cuda.max_memory_allocated`` over the timed steps), padding fraction, ratio vs
-``padded_hf``. MFU = 6 * n_params * useful_tokens / seconds / peak_flops, n_params = all
-parameters (tied embedding counted once), peak_flops = 989e12 (H100/H200 SXM dense bf16);
-attention score FLOPs are not counted, so MFU is comparable across variants only
-because every variant processes the same useful tokens.
-
-Correctness check (same run): ``--check-seqs`` sequences laid out exactly as each
-variant lays them out; per-token completion logprobs vs each sequence run alone
-(sdpa, full logits); max/mean abs diff. ``padded_hf`` gives the kernel-noise floor and
-``leak_control`` (the packed row with an all-ones attention_mask, so attention crosses
-sequence boundaries) shows what a broken mask looks like on this random model.
-
-Warm-up steps (``--warmup``, default 2: flex_attention compiles on the first call and
-recompiles once for dynamic shapes) are excluded from timing. Each variant catches OOM
-and other errors and records them instead of crashing; results are written after every
-variant, so a run killed by a time limit keeps what it finished. ``--time-budget``
-skips the phases that would start after that many seconds.
+Variants (``padded_hf`` baseline, ``packed_flex``, ``packed_sdpa``, ``padded_chunked``,
+``packed_flex_static``), the MFU formula, the correctness check with its leak control and
+the warm-up/robustness rules are described in ``bench/README.md``.
 
 Only torch + transformers (+ triton for flex on CUDA) are needed: this script imports
 ``trainer.packing``, ``trainer.logprobs`` and ``trainer.loss`` only (not
-``trainer.trainer``, whose config needs pydantic); ``micro_batch_logprobs`` below
-mirrors ``trainer.trainer.micro_batch_logprobs``.
+``trainer.trainer``, whose config needs pydantic).
 
     python bench/gpu_trainer.py                          # H100: a few minutes (estimate)
     python bench/gpu_trainer.py --device cpu --tiny      # same code path on CPU, ~20 s
@@ -63,9 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
-import platform
 import random
 import sys
 import time
@@ -80,10 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from gpu_report import environment, markdown, peak_flops_for, write  # noqa: E402  (bench/)
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from trainer.logprobs import token_logprobs  # noqa: E402
+from trainer.logprobs import micro_batch_logprobs  # noqa: E402
 from trainer.loss import LossInputs, LossParams, policy_loss  # noqa: E402
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction  # noqa: E402
 
@@ -97,8 +56,6 @@ VARIANTS = (
     "packed_flex_static",
 )
 DEFAULT_VARIANTS = VARIANTS[:4]
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
-PEAK_BF16_PCIE = {"H100": 756e12}
 
 Seq = tuple[list[int], list[int]]
 
@@ -246,18 +203,9 @@ def pad_width(mb: MicroBatch, width: int) -> MicroBatch:
     )
 
 
-def micro_batch_logprobs(model: torch.nn.Module, mb: MicroBatch, chunk: int) -> torch.Tensor:
-    """The project's path (mirrors trainer.trainer.hidden_at + micro_batch_logprobs)."""
-    out = model.base_model(
-        input_ids=mb.input_ids,
-        position_ids=mb.position_ids,
-        attention_mask=mb.attention_mask,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])[mb.target_index]
-    head = model.get_output_embeddings()
-    logps, _entropy = token_logprobs(hidden, head.weight, mb.target_ids, chunk)
+def chunked_logprobs(model: torch.nn.Module, mb: MicroBatch, chunk: int) -> torch.Tensor:
+    """The project's path: ``trainer.logprobs.micro_batch_logprobs`` (chunked LM head)."""
+    logps, _entropy = micro_batch_logprobs(model, mb, chunk)
     return logps
 
 
@@ -305,18 +253,18 @@ def variants_table() -> dict[str, Variant]:
             "sdpa", padded, full_logits_logprobs, "padded + attention_mask, full logits (HF)"
         ),
         "packed_flex": Variant(
-            "flex_attention", packed_flex, micro_batch_logprobs, "packed, flex BlockMask, chunked"
+            "flex_attention", packed_flex, chunked_logprobs, "packed, flex BlockMask, chunked"
         ),
         "packed_sdpa": Variant(
-            "sdpa", packed_sdpa, micro_batch_logprobs, "packed, dense block-diag mask, chunked"
+            "sdpa", packed_sdpa, chunked_logprobs, "packed, dense block-diag mask, chunked"
         ),
         "padded_chunked": Variant(
-            "sdpa", padded, micro_batch_logprobs, "padded + attention_mask, chunked"
+            "sdpa", padded, chunked_logprobs, "padded + attention_mask, chunked"
         ),
         "packed_flex_static": Variant(
             "flex_attention",
             packed_flex_static,
-            micro_batch_logprobs,
+            chunked_logprobs,
             "packed_flex with every row padded to --flex-row-tokens (one static shape)",
         ),
     }
@@ -485,7 +433,7 @@ def seq_logprobs(
 def leak_fn(model: torch.nn.Module, mb: MicroBatch, chunk: int) -> torch.Tensor:
     """Packed row with an all-ones mask: transformers skips packed-sequence detection."""
     ones = torch.ones_like(mb.input_ids)
-    return micro_batch_logprobs(model, dataclasses.replace(mb, attention_mask=ones), chunk)
+    return chunked_logprobs(model, dataclasses.replace(mb, attention_mask=ones), chunk)
 
 
 def correctness(
@@ -540,38 +488,6 @@ def correctness(
 
 
 # --------------------------------------------------------------------------- main
-
-
-def environment(device: torch.device) -> dict:
-    env = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-        env["gpu_mem_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-    else:
-        env["cpu_threads"] = torch.get_num_threads()
-    return env
-
-
-def peak_flops_for(device: torch.device, args: argparse.Namespace) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if device.type != "cuda" or args.dtype != "bfloat16":
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = PEAK_BF16_PCIE if "PCIe" in name else PEAK_BF16
-    return next((v for k, v in table.items() if k in name), None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -657,69 +573,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(out))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return out
-
-
-def write(out: dict, args: argparse.Namespace, t_start: float) -> None:
-    out["wall_seconds"] = time.perf_counter() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(out))
-
-
-def markdown(out: dict) -> str:
-    c, env = out["config"], out["environment"]
-    dev = env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"
-    lines = [
-        "# gpu_trainer" + (" (tiny)" if c["tiny"] else ""),
-        "",
-        f"{dev}, torch {env['torch']}, transformers {env['transformers']}, triton "
-        f"{env.get('triton')}. Random Qwen2 {'tiny' if c['tiny'] else '0.5B'} shape, "
-        f"{out['model']['n_params'] / 1e6:.1f}M params, {c['dtype']}. {c['num_seqs']} "
-        f"sequences/step, lengths uniform {c['seq_len'][0]}-{c['seq_len'][1]}, budget "
-        f"{c['budget']} tokens/micro-batch, {c['warmup']} warm-up + {c['steps']} timed steps.",
-        f"MFU = {out['mfu_formula']}.",
-        "",
-        "| variant | attn | status | useful tok/s | s/step | MFU | peak mem GiB | padding "
-        "| ratio vs padded_hf | ratio vs padded_chunked |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
-    for name, r in out["results"].items():
-        lines.append(
-            f"| {name} | {r.get('attn', '-')} | {r.get('status', '-')} | "
-            f"{f(r.get('useful_tokens_per_s'), '.0f')} | {f(r.get('seconds_per_step'), '.2f')} | "
-            f"{f(r.get('mfu'), '.1%')} | {f(r.get('peak_mem_gib'), '.1f')} | "
-            f"{f(r.get('padding_frac'), '.1%')} | {f(r.get('ratio_vs_padded_hf'), '.2f')} | "
-            f"{f(r.get('ratio_vs_padded_chunked'), '.2f')} |"
-        )
-    for name, r in out["results"].items():
-        if r.get("status") in ("skipped", "OOM", "error"):
-            lines.append(f"\n{name}: {r['status']}: {r.get('reason') or r.get('error')}")
-    chk = out.get("correctness")
-    if chk:
-        lines += [
-            "",
-            f"Correctness: {chk.get('sequences')} sequences, per-token completion logprobs vs "
-            "each sequence alone (sdpa, full logits).",
-            "",
-            "| layout | attn | max abs diff | mean abs diff |",
-            "|---|---|---:|---:|",
-        ]
-        for name, r in chk.items():
-            if isinstance(r, dict):
-                if "error" in r:
-                    lines.append(f"| {name} | {r.get('attn')} | error: {r['error'][:80]} | |")
-                else:
-                    lines.append(
-                        f"| {name} | {r['attn']} | {r['max_abs_diff']:.4g} | "
-                        f"{r['mean_abs_diff']:.4g} |"
-                    )
-        if chk.get("status") in ("OOM", "error", "skipped"):
-            lines.append(f"\ncorrectness: {chk['status']}: {chk.get('error') or chk.get('reason')}")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

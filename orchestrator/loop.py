@@ -16,15 +16,17 @@ from typing import Any
 import torch
 
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
+from inference_server.tokens import encode_prompts
 from inference_server.transformers_backend import TransformersEngine
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult, evaluate_passk
 from orchestrator.scoring import ScoreFn, load_env, score_one
 from trainer.advantages import compute_advantages
+from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed
 from trainer.protocol import TrainBatch, TrainSample
-from trainer.trainer import Trainer, micro_batch_logprobs
+from trainer.trainer import Trainer
 
 Engine = Any  # TransformersEngine | VLLMEngine: same generate() contract
 
@@ -253,5 +255,5 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
 def tokenize(tok: Any, p: Prompt, cache: dict[str, list[int]]) -> list[int]:
     """``<s>`` + prompt token ids, tokenized once per prompt per run."""
     if p.id not in cache:
-        cache[p.id] = [tok.bos_token_id, *tok(p.text, add_special_tokens=False)["input_ids"]]
+        (cache[p.id],) = encode_prompts(tok, [p.text])
     return cache[p.id]

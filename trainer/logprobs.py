@@ -8,6 +8,10 @@ Peak extra memory is ``chunk_size * V * 4`` bytes instead of ``N * V * 4``
 
 The gradient of ``log softmax(z)[t]`` w.r.t. the logits ``z`` is
 ``onehot(t) - softmax(z)``, so backward needs only the recomputed chunk logits.
+
+``micro_batch_logprobs`` runs a HF causal LM on a ``MicroBatch`` and feeds its
+final hidden states to that head: the one path the trainer, the weight-sync probe
+and the GPU benchmark share. Torch only, so it runs where pydantic is absent.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
+from trainer.packing import MicroBatch
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -101,3 +108,30 @@ def token_logprobs_reference(
     """The naive full-logits computation, for tests and benchmarks."""
     logits = (hidden @ weight.t()).float() / temperature
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def hidden_at(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Final hidden states ``[N, H]`` at the positions that predict completion tokens."""
+    dev = next(model.parameters()).device
+    mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
+    out = model.base_model(  # type: ignore[operator]
+        input_ids=mb.input_ids.to(dev),
+        position_ids=mb.position_ids.to(dev),
+        attention_mask=mask,
+        # transformers reads restarting position ids as sequence boundaries only when there is
+        # no KV cache; with a cache, packed sequences would attend to each other.
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[mb.target_index.to(dev)]
+
+
+def micro_batch_logprobs(
+    model: nn.Module, mb: MicroBatch, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs and entropies ``[N]`` of the completion tokens of a micro-batch."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("LM heads with a bias are not supported by the chunked logprob path")
+    targets = mb.target_ids.to(head.weight.device)
+    return token_logprobs(hidden_at(model, mb), head.weight, targets, chunk_size)

@@ -23,37 +23,10 @@ import torch
 from torch import nn
 
 from trainer.config import TrainerConfig
-from trainer.logprobs import token_logprobs
+from trainer.logprobs import micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
 from trainer.protocol import TrainBatch
-
-
-def hidden_at(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Final hidden states ``[N, H]`` at the positions that predict completion tokens."""
-    dev = next(model.parameters()).device
-    mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
-    out = model.base_model(  # type: ignore[operator]
-        input_ids=mb.input_ids.to(dev),
-        position_ids=mb.position_ids.to(dev),
-        attention_mask=mask,
-        # transformers reads restarting position ids as sequence boundaries only when there is
-        # no KV cache; with a cache, packed sequences would attend to each other.
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])[mb.target_index.to(dev)]
-
-
-def micro_batch_logprobs(
-    model: nn.Module, mb: MicroBatch, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprobs and entropies ``[N]`` of the completion tokens of a micro-batch."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("LM heads with a bias are not supported by the chunked logprob path")
-    targets = mb.target_ids.to(head.weight.device)
-    return token_logprobs(hidden_at(model, mb), head.weight, targets, chunk_size)
 
 
 class Trainer:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.transformers_backend import TransformersEngine
 from orchestrator.paths import TINY_HELDOUT, TINY_MODEL
+from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed
-from trainer.trainer import micro_batch_logprobs
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from trainer.config import TrainerConfig
+from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed, build_padded, first_fit_decreasing, padding_fraction
 from trainer.protocol import TrainBatch, TrainSample
-from trainer.trainer import Trainer, micro_batch_logprobs
+from trainer.trainer import Trainer
 
 
 def make_batch(n=12, seed=0):
