@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from reward_envs.config import EnvSpec
+from reward_envs.manifest import Manifest, load_manifest
 
 ScoreFn = Callable[..., Any]
 
@@ -34,24 +35,30 @@ def load_env(spec: EnvSpec) -> ScoreFn:
             f"env {spec.name!r}: isolation {spec.isolation.type!r} needs the supervised env "
             'pools, not built yet; set isolation.type = "process" for now'
         )
-    manifest_path = spec.path / "caravela-env.toml"
-    try:
-        manifest = tomllib.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"env {spec.name!r}: no manifest at {manifest_path}") from None
-    module_name, _, fn_name = str(manifest.get("entry_point", "")).partition(":")
-    file = spec.path / f"{module_name}.py"
-    if not fn_name or not file.exists():
+    return import_entry_point(spec.path, load_manifest(spec.path))
+
+
+def import_entry_point(env_dir: Path, manifest: Manifest) -> ScoreFn:
+    """The scorer a manifest's ``entry_point`` (``module:function``) names, imported in-process."""
+    module_name, _, fn_name = manifest.entry_point.partition(":")
+    file = env_dir / f"{module_name}.py"
+    if not file.exists():
         raise ValueError(
-            f"env {spec.name!r}: entry_point must be 'module:function' naming a file in "
-            f"{spec.path}, got {manifest.get('entry_point')!r}"
+            f"env {manifest.name!r}: entry_point {manifest.entry_point!r} names {file}, "
+            "which does not exist"
         )
-    mod_spec = importlib.util.spec_from_file_location(f"caravela_env_{spec.name}", file)
+    mod_spec = importlib.util.spec_from_file_location(f"caravela_env_{manifest.name}", file)
     assert mod_spec is not None and mod_spec.loader is not None
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
-    fn: ScoreFn = getattr(module, fn_name)
-    return fn
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(
+            f"env {manifest.name!r}: {file} defines no function {fn_name!r} (entry_point "
+            f"{manifest.entry_point!r})"
+        )
+    scorer: ScoreFn = fn
+    return scorer
 
 
 def score_one(fn: ScoreFn, prompt: str, completion: str, fields: dict[str, Any]) -> Score:

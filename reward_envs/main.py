@@ -21,13 +21,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.scoring import load_env, score_one
-    from reward_envs.config import EnvSpec
+    from orchestrator.scoring import import_entry_point, score_one
     from reward_envs.manifest import load_manifest
 
     try:
         manifest = load_manifest(args.env_dir)
-        fn = load_env(EnvSpec(name=manifest.name, path=args.env_dir))
+        fn = import_entry_point(args.env_dir, manifest)
     except ValueError as e:
         print(f"caravela env: {e}", file=sys.stderr)
         return 2
