@@ -154,3 +154,73 @@ def test_update_changes_outputs_and_passes_probe_bad_updates_refused(engine, hf)
 
     engine.update_weights(2, state)  # back to the shipped weights for other tests
     assert engine.probe(probe, expected(model), tol=1e-3) < 1e-3
+
+
+def _busy_engine(engine, tok, n_requests=48):
+    """Start a large generate in a thread; return (thread, results holder) once it is running."""
+    import threading
+    import time
+
+    sp = SamplingParams(n=8, temperature=1.0, max_tokens=40, seed=3)
+    reqs = [
+        GenerateRequest(request_id=f"r{i}", prompt_ids=ids(tok, PROMPTS[i % 3]), sampling=sp)
+        for i in range(n_requests)
+    ]
+    out: dict[str, list] = {}
+    worker = threading.Thread(target=lambda: out.setdefault("results", engine.generate(reqs)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while engine.inflight() == 0:
+        assert time.monotonic() < deadline, "generation never started"
+        time.sleep(0.005)
+    return worker, out, reqs
+
+
+def perturbed(model, scale=0.05, seed=0):
+    new_model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new_model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return new_model
+
+
+def engine_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+@pytest.mark.parametrize("policy", ["finish", "abort"])
+def test_requests_in_flight_during_an_update_follow_the_policy(engine, hf, policy):
+    """finish: in-flight requests complete on the old weights and say so; abort: they are
+    cut, re-run on the new weights and tagged with the new version. Either way no request is
+    lost and every completion's logprobs are those of the weights its tag names (no mixing)."""
+    model, tok = hf
+    new_model = perturbed(model, scale=0.02, seed=7)
+    engine.inflight_on_update = policy
+    try:
+        old = engine.version
+        requeued = engine.requeued
+        worker, out, reqs = _busy_engine(engine, tok)
+        metrics = engine.update_weights(old + 1, engine_state(new_model))
+        worker.join(timeout=120)
+        results = out["results"]
+    finally:
+        engine.inflight_on_update = "finish"
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    completions = [c for r in results for c in r.completions]
+    assert len(completions) == 8 * len(reqs)
+    assert all(c.finish_reason in ("stop", "length") for c in completions)
+    versions = {c.policy_version for c in completions}
+    if policy == "finish":
+        assert engine.requeued == requeued
+        assert old in versions  # the ones in flight at the swap finished on the old weights
+    else:
+        assert engine.requeued > requeued, "no request was in flight at the swap"
+        assert metrics["weight_sync/requeued"] == engine.requeued
+        assert versions == {old + 1}  # nothing from the old weights survived the swap
+    by_version = {old: model, old + 1: new_model}
+    for req, res in zip(reqs, results, strict=True):
+        for c in res.completions:
+            ref = trainer_logprobs(by_version[c.policy_version], req.prompt_ids, [c.token_ids])
+            assert torch.allclose(torch.tensor(c.logprobs), ref[0], atol=2e-3), c.policy_version
+    engine.update_weights(old + 2, engine_state(model))  # shipped weights for later tests
