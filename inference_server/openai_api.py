@@ -5,13 +5,13 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 ``--host`` says otherwise: the server has no authentication of its own, so expose
 it only through an SSH tunnel or behind the cluster's own access control.
 
-The engine is not thread-safe; requests are served one at a time under a lock
-(the engine batches the ``n`` samples and the prompts of one request).
+Handlers call the engine from FastAPI's thread pool. Engines are thread-safe:
+the vLLM engine batches concurrent HTTP requests together, the transformers
+engine serves them one at a time.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from typing import Any, Literal
@@ -130,7 +130,6 @@ class Health(BaseModel):
 def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
     """An app serving ``engine`` (any object with ``generate`` and ``version``)."""
     app = FastAPI(title="Caravela inference server")
-    lock = threading.Lock()
     started = int(time.time())
     registry = CollectorRegistry()
     requests_total = Counter(
@@ -149,8 +148,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
             for i, p in enumerate(prompts)
         ]
         try:
-            with lock:
-                results = engine.generate(reqs)
+            results = engine.generate(reqs)
         except ValueError as e:  # e.g. prompt + max_tokens longer than the context
             raise HTTPException(status_code=400, detail=str(e)) from None
         tokens_total.inc(sum(len(c.token_ids) for r in results for c in r.completions))

@@ -37,14 +37,10 @@ def build_engine(model_dir: Path, backend: str, dtype: str) -> tuple[Any, Any]:
 
         engine = VLLMEngine(model_dir, dtype=dtype)  # type: ignore[arg-type]
         return engine, engine.tokenizer
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from inference_server.transformers_backend import DirTransformersEngine
 
-    from inference_server.transformers_backend import TransformersEngine
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    return TransformersEngine(model, tok), tok
+    hf = DirTransformersEngine(model_dir, dtype=dtype)
+    return hf, hf.tokenizer
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -3,16 +3,24 @@
 For tiny models it beats vLLM on CPU (DESIGN.md: break-even near 20M
 parameters), and it lets a single-process run share one model object between
 generation and training, so there is no weight transfer at all.
+
+``TransformersEngine`` wraps a model object it is given; ``DirTransformersEngine``
+loads its own from a directory (a Ray engine actor, ``caravela serve``) and then
+takes version-tagged weight updates checked like the vLLM engine's. Both are
+thread-safe: calls are served one at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
+from inference_server.weights import check_update, probe_diff, served_shapes
 
 
 class TransformersEngine:
@@ -28,14 +36,34 @@ class TransformersEngine:
         self.version = 0
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.lock = threading.Lock()
+
+    def served_version(self) -> int:
+        """``version``, callable through a Ray actor handle."""
+        return self.version
+
+    def inflight(self) -> int:
+        """Requests being generated now (0 or 1 call's worth: calls are serialised)."""
+        return int(self.lock.locked())
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Sample ``sampling.n`` completions for every request (same params per call)."""
+        """Sample ``sampling.n`` completions per request; one call's requests share params."""
         if not requests:
             return []
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.sampling.model_dump_json(), []).append(i)
+        if len(groups) > 1:  # one generate() call per distinct SamplingParams
+            out: list[GenerateResult | None] = [None] * len(requests)
+            for idx in groups.values():
+                for i, res in zip(idx, self.generate([requests[i] for i in idx]), strict=True):
+                    out[i] = res
+            return [r for r in out if r is not None]
+        with self.lock:
+            return self._generate_same(requests)
+
+    def _generate_same(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         params = requests[0].sampling
-        if any(r.sampling != params for r in requests):
-            raise ValueError("one generate() call takes one SamplingParams; split the requests")
         flat = [r.prompt_ids for r in requests for _ in range(params.n)]
         completions: list[Completion] = []
         was_training = self.model.training
@@ -99,3 +127,52 @@ class TransformersEngine:
                 )
             )
         return result
+
+
+class DirTransformersEngine(TransformersEngine):
+    """A transformers engine that loads its own model from ``model_dir`` and takes updates."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        engine_id: str = "hf-0",
+        dtype: str = "float32",
+        batch_size: int = 512,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").exists():
+            raise FileNotFoundError(f"model dir {model_dir} has no config.json")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        super().__init__(model, tok, engine_id=engine_id, batch_size=batch_size)
+        self.shapes = served_shapes(model_dir)
+
+    def update_weights(
+        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 0
+    ) -> dict[str, float]:
+        """Check like the vLLM engine does, then load; in-flight calls finish first."""
+        check_update(self.engine_id, self.version, version, self.shapes, state)
+        with self.lock:
+            self.model.load_state_dict(dict(state), strict=False)
+            self.version = version
+        return {"weight_sync/buckets": 1.0}
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Logprob of every token after the first (T = 1)."""
+        out = []
+        with self.lock, torch.no_grad():
+            for seq in sequences:
+                ids = torch.tensor([list(seq)], device=self.model.device)
+                logits = self.model(input_ids=ids).logits[0, :-1].float()
+                lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+                out.append(lp.tolist())
+        return out
+
+    def probe(
+        self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
+    ) -> float:
+        """Max |engine - expected| logprob over the probe sequences; raises past ``tol``."""
+        got = self.prompt_logprobs(sequences)
+        return probe_diff(self.engine_id, self.version, got, expected, tol)

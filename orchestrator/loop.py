@@ -130,6 +130,8 @@ class Policy:
                 tensor_parallel_size=backend.tensor_parallel_size,
                 gpu_memory_utilization=backend.gpu_memory_utilization,
                 cpu_kvcache_gib=backend.cpu_kvcache_gib,
+                inflight_on_update=backend.inflight_on_update,
+                compile=backend.compile,
             )
             cache: dict[str, list[int]] = {}
             self.probe = [

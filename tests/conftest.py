@@ -14,6 +14,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def ray_token(tmp_path_factory):
+    """Token auth on for every Ray cluster a test starts (one token per pytest run)."""
+    from orchestrator.cluster import enable_token_auth, write_token
+
+    path = write_token(tmp_path_factory.mktemp("ray") / "token")
+    enable_token_auth(path)
+    return path
+
+
 @pytest.fixture
 def random_llama():
     """A 2-layer Llama with random weights, float32, sdpa attention."""

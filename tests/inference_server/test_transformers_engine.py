@@ -67,8 +67,12 @@ def test_greedy_is_deterministic(engine):
     assert a[0].completions[0].token_ids == b[0].completions[0].token_ids
 
 
-def test_mixed_sampling_params_are_refused(engine):
-    with pytest.raises(ValueError, match="one SamplingParams"):
-        engine.generate(
-            [request(engine, "Q: 1+1+1 A: ", n=1), request(engine, "Q: 1+1+1 A: ", n=2)]
-        )
+def test_mixed_sampling_params_each_get_their_own(engine):
+    reqs = [
+        request(engine, "Q: 1+1+1 A: ", "a", n=1),
+        request(engine, "Q: 2+2+2 A: ", "b", n=3),
+        request(engine, "Q: 3+3+3 A: ", "c", n=1),
+    ]
+    out = engine.generate(reqs)
+    assert [len(r.completions) for r in out] == [1, 3, 1]
+    assert [r.request_id for r in out] == [r.request_id for r in reqs]

@@ -1,0 +1,103 @@
+"""Engine actors on the inference nodes: the one place the engines become Ray actors.
+
+Placement is by the ``inference_node`` custom resource that the launcher gives
+each inference node (never by hostname): each engine asks for
+``1/engines_per_node`` of it, so every inference node gets exactly
+``engines_per_node`` engines. On GPU nodes an engine also reserves
+``tensor_parallel_size`` GPUs, which Ray exposes to it through
+``CUDA_VISIBLE_DEVICES``; vLLM's own multiprocessing executor then runs the
+tensor-parallel ranks inside that node. The actors are threaded, so many
+requests reach an engine at once (vLLM batches them) and a weight update can
+arrive while they are in flight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from inference_server.config import InferenceBackend
+
+INFERENCE_RESOURCE = "inference_node"
+ACTOR_CONCURRENCY = 1024
+"""Calls one engine actor serves at once (each is a waiting thread; the engine batches)."""
+
+
+class PlacementError(RuntimeError):
+    """Engines cannot be placed as asked; the message says what the cluster lacks."""
+
+
+def inference_nodes() -> list[dict[str, Any]]:
+    """Alive Ray nodes offering the ``inference_node`` resource."""
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(INFERENCE_RESOURCE)]
+
+
+def start_engines(
+    backend: InferenceBackend,
+    model_dir: Path,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_model_len: int | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Start ``engines_per_node`` engines on every inference node; returns id -> handle."""
+    import ray
+
+    nodes = inference_nodes()
+    if not nodes:
+        raise PlacementError(
+            f"no Ray node offers the {INFERENCE_RESOURCE!r} resource, so engines have nowhere "
+            f"to run. Start inference nodes with `ray start ... --resources "
+            f"'{{\"{INFERENCE_RESOURCE}\": 1}}'` (the SLURM launcher does), or give a local "
+            f"cluster resources={{{INFERENCE_RESOURCE!r}: 1}}"
+        )
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    per = backend.engines_per_node
+    gpus_per_engine = (backend.tensor_parallel_size if backend.type == "vllm" else 1) if gpus else 0
+    opts: dict[str, Any] = {
+        "num_cpus": backend.cpus_per_engine,
+        "resources": {INFERENCE_RESOURCE: 1.0 / per},
+        "max_concurrency": ACTOR_CONCURRENCY,
+    }
+    count = len(nodes) * per
+    handles: dict[str, Any] = {}
+    if backend.type == "vllm":
+        from inference_server.vllm_backend import VLLMEngine
+
+        vllm_actor = ray.remote(num_gpus=gpus_per_engine, **opts)(VLLMEngine)
+        for i in range(count):
+            eid = f"vllm-{i}"
+            handles[eid] = vllm_actor.remote(
+                Path(model_dir),
+                engine_id=eid,
+                dtype=dtype,
+                seed=seed + i,
+                tensor_parallel_size=backend.tensor_parallel_size,
+                gpu_memory_utilization=backend.gpu_memory_utilization,
+                cpu_kvcache_gib=backend.cpu_kvcache_gib,
+                max_model_len=max_model_len,
+                inflight_on_update=backend.inflight_on_update,
+                compile=backend.compile,
+            )
+    else:
+        from inference_server.transformers_backend import DirTransformersEngine
+
+        hf_actor = ray.remote(num_gpus=gpus_per_engine, **opts)(DirTransformersEngine)
+        for i in range(count):
+            eid = f"hf-{i}"
+            handles[eid] = hf_actor.remote(
+                Path(model_dir), engine_id=eid, dtype=dtype, batch_size=backend.batch_size
+            )
+    waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
+    ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout_s)
+    late = sorted(waiting[r] for r in set(waiting) - set(ready))
+    if late:
+        raise PlacementError(
+            f"engines {late} did not start within {timeout_s:.0f} s; check that each "
+            f"inference node has {backend.cpus_per_engine * per:g} free CPUs"
+            + (f" and {gpus_per_engine * per} GPUs" if gpus else "")
+        )
+    ray.get(ready)  # an engine whose constructor failed raises here, with its error
+    return handles

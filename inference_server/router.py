@@ -1,0 +1,135 @@
+"""Spread generation over engine actors; survive an engine dying; push weights to all.
+
+The router is a plain object in the driver holding Ray actor handles. Each
+request goes to the live engine with the least outstanding work (sampled
+tokens it may still produce: ``n * max_tokens`` summed over its requests in
+flight). When an engine dies, every request it held is re-queued on the others,
+so a request is answered exactly once or the call raises naming the requests
+left unserved. Weight updates are put in Ray's object store once and fetched by
+every engine from there (zero-copy on the same node), then checked with the
+logprob probe.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from inference_server.protocol import GenerateRequest, GenerateResult
+
+
+class EngineUnavailable(RuntimeError):
+    """No live engine is left to serve requests."""
+
+
+def _work(r: GenerateRequest) -> int:
+    return r.sampling.n * r.sampling.max_tokens
+
+
+class EngineRouter:
+    """Least-outstanding-work dispatch over engine actors, with re-queue on engine death."""
+
+    def __init__(self, engines: Mapping[str, Any]) -> None:
+        if not engines:
+            raise ValueError("a router needs at least one engine")
+        self.engines = dict(engines)
+        self.outstanding = dict.fromkeys(self.engines, 0)
+        self.dead: dict[str, str] = {}
+        """Engine id -> why it was taken out of service."""
+        self.requeued = 0
+        """Requests re-sent to another engine because theirs died."""
+
+    @property
+    def alive(self) -> list[str]:
+        return [e for e in self.engines if e not in self.dead]
+
+    def _pick(self, unserved: Sequence[GenerateRequest]) -> str:
+        alive = self.alive
+        if not alive:
+            raise EngineUnavailable(
+                f"all {len(self.engines)} engines are dead ({self.dead}); "
+                f"{len(unserved)} requests were not served: "
+                f"{[r.request_id for r in unserved][:10]}"
+            )
+        return min(alive, key=lambda e: self.outstanding[e])
+
+    def _retire(self, engine_id: str, why: BaseException) -> None:
+        if engine_id not in self.dead:
+            self.dead[engine_id] = f"{type(why).__name__}: {why}".splitlines()[0][:300]
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Results in request order, each request served exactly once by some live engine."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique within one generate() call")
+        pending: deque[GenerateRequest] = deque(requests)
+        inflight: dict[Any, tuple[str, GenerateRequest]] = {}
+        results: dict[str, GenerateResult] = {}
+        while pending or inflight:
+            while pending:
+                r = pending[0]
+                eid = self._pick([*pending, *(req for _, req in inflight.values())])
+                pending.popleft()
+                inflight[self.engines[eid].generate.remote([r])] = (eid, r)
+                self.outstanding[eid] += _work(r)
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                eid, r = inflight.pop(ref)
+                self.outstanding[eid] -= _work(r)
+                try:
+                    (results[r.request_id],) = ray.get(ref)
+                except (ActorDiedError, ActorUnavailableError) as e:
+                    self._retire(eid, e)
+                    self.requeued += 1
+                    pending.append(r)
+        return [results[i] for i in ids]
+
+    def _all(self, call: Any) -> dict[str, Any]:
+        """Run ``call(handle)`` on every live engine; engines that died are retired."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        refs = {eid: call(self.engines[eid]) for eid in self.alive}
+        out = {}
+        for eid, ref in refs.items():
+            try:
+                out[eid] = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError) as e:
+                self._retire(eid, e)
+        if not out:
+            raise EngineUnavailable(f"all {len(self.engines)} engines are dead ({self.dead})")
+        return out
+
+    def update_weights(
+        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 1 << 20
+    ) -> dict[str, float]:
+        """Send ``state`` as ``version`` to every live engine through the object store."""
+        import time
+
+        import ray
+
+        t0 = time.perf_counter()
+        ref = ray.put(dict(state))
+        per = self._all(lambda h: h.update_weights.remote(version, ref, bucket_bytes))
+        pause = max(m.get("weight_sync/pause_seconds", 0.0) for m in per.values())
+        return {
+            "weight_sync/seconds": time.perf_counter() - t0,
+            "weight_sync/engines": float(len(per)),
+            "weight_sync/pause_seconds": pause,
+        }
+
+    def probe(
+        self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
+    ) -> float:
+        """Max probe difference over all live engines; raises if any engine is off."""
+        return max(self._all(lambda h: h.probe.remote(sequences, expected, tol)).values())
+
+    def versions(self) -> dict[str, int]:
+        """Weight version each live engine serves."""
+        return self._all(lambda h: h.served_version.remote())

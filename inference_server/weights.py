@@ -1,0 +1,113 @@
+"""Weight updates shared by both backends: what an engine serves, checks, buckets, the probe.
+
+Torch and safetensors only (no vLLM), so the trainer side and the transformers
+backend use the same checks as the vLLM engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+
+class WeightUpdateError(ValueError):
+    """A weight update that was refused; the engine still serves the previous version."""
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the HF checkpoint in ``model_dir``."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def check_update(
+    engine_id: str,
+    current: int,
+    version: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    state: Mapping[str, torch.Tensor],
+) -> None:
+    """Raise ``WeightUpdateError`` naming everything wrong with an update; sends nothing."""
+    if version <= current:
+        raise WeightUpdateError(
+            f"update to version {version} refused: engine {engine_id} already serves "
+            f"version {current}; versions must increase"
+        )
+    unknown = sorted(set(state) - set(shapes))
+    missing = sorted(set(shapes) - set(state))
+    wrong = [
+        f"{n}: {tuple(t.shape)} != {shapes[n]}"
+        for n, t in state.items()
+        if n in shapes and tuple(t.shape) != shapes[n]
+    ]
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    problems = []
+    if unknown:
+        problems.append(f"unknown tensors {unknown[:5]}")
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong[:5]}")
+    if bad:
+        problems.append(f"non-finite values in {bad[:5]}")
+    if problems:
+        raise WeightUpdateError(
+            f"update to version {version} refused ({'; '.join(problems)}); "
+            f"engine {engine_id} keeps serving version {current}"
+        )
+
+
+def safetensors_buckets(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> Iterator[bytes]:
+    """``state`` as safetensors blobs of about ``bucket_bytes`` each (a tensor is never split)."""
+    from safetensors.torch import save
+
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in state.items():
+        bucket[name] = t.detach().to("cpu").contiguous()
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            yield save(bucket)
+            bucket, size = {}, 0
+    if bucket:
+        yield save(bucket)
+
+
+def served_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensors an update must carry: the checkpoint's, minus a tied LM head."""
+    shapes = checkpoint_shapes(model_dir)
+    if json.loads((Path(model_dir) / "config.json").read_text()).get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def probe_diff(
+    engine_id: str,
+    version: int,
+    got: Sequence[Sequence[float]],
+    expected: Sequence[Sequence[float]],
+    tol: float,
+) -> float:
+    """Max |got - expected| logprob; raises ``WeightUpdateError`` past ``tol``."""
+    diff = max(
+        abs(a - b) for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True)
+    )
+    if diff > tol:
+        raise WeightUpdateError(
+            f"logprob probe failed on engine {engine_id} at version {version}: "
+            f"max |engine - trainer| = {diff:.3g} > tolerance {tol:g}; the weights the "
+            "engine serves are not the trainer's"
+        )
+    return diff

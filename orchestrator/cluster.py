@@ -1,0 +1,109 @@
+"""The Ray cluster a run uses, always with token authentication on.
+
+Two ways in:
+
+- ``start_local``: the embedded default. A private single-node cluster whose
+  token is generated per run into a 0600 file. Ray binds its ports on the
+  machine's routable address whatever it is told, so by default this refuses to
+  start unless the process sits in a loopback-only network namespace
+  (``make run`` puts it in one with ``unshare -n``); ``allow_network=True``
+  starts it anyway, still behind the token.
+- ``connect``: join a cluster that is already up (the SLURM launcher's), with
+  the token file the launcher wrote.
+
+Ray reads ``RAY_AUTH_MODE`` when it is imported; both functions set it, and
+re-read Ray's config if Ray was imported before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be started or joined as asked; the message says what to change."""
+
+
+def loopback_only() -> bool:
+    """True when this process's network namespace has no interface but ``lo``."""
+    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+
+
+def write_token(path: Path) -> Path:
+    """A fresh random token in a file only its owner can read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def enable_token_auth(token_path: Path) -> None:
+    """Make this process (and the Ray processes it starts) use token auth with this token."""
+    if not Path(token_path).is_file():
+        raise ClusterError(f"Ray token file {token_path} does not exist")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray._raylet
+
+    # Ray caches its config at import; re-read it so RAY_AUTH_MODE applies in this process.
+    ray._raylet.Config.initialize("")  # type: ignore[attr-defined]
+    # ... and drop a token cached from an earlier cluster in this process.
+    ray._raylet.AuthenticationTokenLoader.instance().reset_cache()  # type: ignore[attr-defined]
+
+
+def _temp_dir(run_dir: Path) -> str:
+    # Ray's unix sockets live under the temp dir and must fit in 107 bytes.
+    candidate = run_dir / "ray"
+    if len(str(candidate.resolve())) < 48:
+        candidate.mkdir(parents=True, exist_ok=True)
+        return str(candidate.resolve())
+    return tempfile.mkdtemp(prefix="caravela-ray-")
+
+
+def start_local(
+    run_dir: Path,
+    num_cpus: int | None = None,
+    resources: dict[str, float] | None = None,
+    allow_network: bool = False,
+    dashboard: bool = True,
+) -> Any:
+    """Start a private local Ray cluster for this run; returns ``ray.init``'s context."""
+    if not allow_network and not loopback_only():
+        raise ClusterError(
+            "refusing to start a local Ray cluster with network interfaces present: Ray binds "
+            "its ports on the routable address. Run inside a loopback-only network namespace "
+            "(`unshare -n sh -c 'ip link set lo up && exec caravela run ...'`, as `make run` "
+            "does), or allow it explicitly (token auth stays on)"
+        )
+    run_dir = Path(run_dir)
+    enable_token_auth(write_token(run_dir / "ray-auth-token"))
+    import ray
+
+    return ray.init(
+        num_cpus=num_cpus,
+        resources=resources,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        _temp_dir=_temp_dir(run_dir),
+        logging_level=logging.WARNING,
+    )
+
+
+def connect(address: str, token_path: Path) -> Any:
+    """Join the running cluster at ``address`` with the launcher's token file."""
+    enable_token_auth(token_path)
+    import ray
+
+    try:
+        return ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {e}") from e
