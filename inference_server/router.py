@@ -5,9 +5,9 @@ request goes to the live engine with the least outstanding work (sampled
 tokens it may still produce: ``n * max_tokens`` summed over its requests in
 flight). When an engine dies, every request it held is re-queued on the others,
 so a request is answered exactly once or the call raises naming the requests
-left unserved. Weight updates are put in Ray's object store once and fetched by
-every engine from there (zero-copy on the same node), then checked with the
-logprob probe.
+left unserved. Weight updates are put in Ray's object store once, as numpy
+arrays (read zero-copy on the same node; bench/results/weight_transport.md), and
+fetched by every engine from there; the logprob probe then checks them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from inference_server.protocol import GenerateRequest, GenerateResult
+from inference_server.weights import HostState
 
 
 class EngineUnavailable(RuntimeError):
@@ -115,7 +116,7 @@ class EngineRouter:
         import ray
 
         t0 = time.perf_counter()
-        ref = ray.put(dict(state))
+        ref = ray.put(HostState.of(state))
         per = self._all(lambda h: h.update_weights.remote(version, ref, bucket_bytes))
         pause = max(m.get("weight_sync/pause_seconds", 0.0) for m in per.values())
         return {

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
-from inference_server.weights import check_update, probe_diff, served_shapes
+from inference_server.weights import (
+    HostState,
+    as_tensors,
+    check_update,
+    probe_diff,
+    served_shapes,
+)
 
 
 class TransformersEngine:
@@ -150,9 +156,10 @@ class DirTransformersEngine(TransformersEngine):
         self.shapes = served_shapes(model_dir)
 
     def update_weights(
-        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 0
+        self, version: int, state: Mapping[str, torch.Tensor] | HostState, bucket_bytes: int = 0
     ) -> dict[str, float]:
         """Check like the vLLM engine does, then load; in-flight calls finish first."""
+        state = as_tensors(state)
         check_update(self.engine_id, self.version, version, self.shapes, state)
         with self.lock:
             self.model.load_state_dict(dict(state), strict=False)

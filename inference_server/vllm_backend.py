@@ -34,7 +34,9 @@ import torch
 
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
 from inference_server.weights import (
+    HostState,
     WeightUpdateError,
+    as_tensors,
     check_update,
     probe_diff,
     safetensors_buckets,
@@ -161,9 +163,13 @@ class VLLMEngine:
         check_update(self.engine_id, self.version, version, self.shapes, state)
 
     def update_weights(
-        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 1 << 20
+        self,
+        version: int,
+        state: Mapping[str, torch.Tensor] | HostState,
+        bucket_bytes: int = 1 << 20,
     ) -> dict[str, float]:
         """Validate, stage in buckets of ~``bucket_bytes`` while serving, then swap in at once."""
+        state = as_tensors(state)
         self.validate_update(version, state)
         t0 = time.perf_counter()
         blobs = list(safetensors_buckets(state, bucket_bytes))
