@@ -22,6 +22,8 @@ class ExampleItem(StrictModel):
     """The score the env must return for it."""
     answer: str | None = None
     """Reference answer field passed to the scorer, when the env takes one."""
+    fields: dict[str, Any] = Field(default_factory=dict)
+    """Other dataset fields passed to the scorer."""
 
 
 class Manifest(StrictModel):
@@ -31,19 +33,34 @@ class Manifest(StrictModel):
     """Env name."""
     version: str
     """Env version (part of its build hash)."""
-    entry_point: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*:[A-Za-z_][A-Za-z0-9_]*$")
-    """``module:function`` of the scorer, relative to the env directory."""
+    entry_point: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+    """``module:function`` of the scorer, importable from the env directory."""
+    api: Literal["score", "batch", "trl"] = "score"
+    """How the entry point is called: ``score(prompt, completion, **fields)`` per item;
+    ``batch(items: list[dict])`` returning one result per item; or a TRL reward function
+    ``fn(prompts, completions, **columns) -> list[float]``, used as-is."""
     isolation: Literal["process", "venv", "docker", "apptainer"] = "venv"
     """Default isolation for this env."""
     requirements: list[str] = Field(default_factory=list)
     """pip requirement specifiers installed into the env's venv."""
+    lock: str | None = None
+    """A requirements lock file in the env directory (e.g. from ``uv pip compile``); when
+    set it is installed instead of ``requirements``."""
     timeout_s: float = Field(10.0, gt=0)
-    """Per-item timeout."""
+    """Hard per-item timeout: past it the worker is killed and the item is an error."""
+    concurrency: int = Field(64, ge=1)
+    """Most items this env scores at once (caps its workers), e.g. for envs calling a
+    rate-limited service."""
+    batch_size: int = Field(16, ge=1)
+    """Items per call for the batch and trl APIs."""
     examples: list[ExampleItem] = Field(default_factory=list)
     """Items with their expected scores."""
 
     def fields(self, item: ExampleItem) -> dict[str, Any]:
-        return {} if item.answer is None else {"answer": item.answer}
+        extra = dict(item.fields)
+        if item.answer is not None:
+            extra["answer"] = item.answer
+        return extra
 
 
 def load_manifest(env_dir: Path) -> Manifest:

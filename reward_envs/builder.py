@@ -1,0 +1,228 @@
+"""Build each env's venv with uv into a content-addressed store shared by runs and nodes.
+
+An env's build hash covers its manifest, lock file and every source file, the
+worker shim and the Python version: the same content is built once and found
+again by every run and node that points at the same store (a shared filesystem
+on clusters). A store entry ``<name>-<hash>/`` holds ``venv/`` (relocatable,
+with the ``caravela_env_worker`` shim copied into its site-packages), ``src/`` (a
+copy of the env directory, so editing it later changes the hash rather than a
+running env) and ``build.json``. Builds go to a temporary directory renamed into
+place at the end, under a file lock, so a crashed or concurrent build never
+leaves a half-built entry behind.
+
+Air-gapped compute nodes: build on the login node (``caravela env build``), or
+build offline from a read-only wheelhouse (``--offline --wheelhouse DIR``,
+installs with ``--no-index --find-links``); a read-only uv cache does not work
+(uv takes a lock in it, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from reward_envs.manifest import Manifest, load_manifest
+
+SHIM_FILES = ("protocol.py", "worker.py")
+SHIM_PACKAGE = "caravela_env_worker"
+HERE = Path(__file__).resolve().parent
+
+
+class EnvBuildError(RuntimeError):
+    """An env could not be built; the message names the env and what failed."""
+
+
+@dataclass(frozen=True)
+class BuiltEnv:
+    """Everything a pool needs to start workers for one env."""
+
+    name: str
+    build_hash: str
+    python: str
+    """Interpreter the workers run (the env venv's, or Caravela's for process isolation)."""
+    src: str
+    """Env source directory put first on the worker's sys.path."""
+    worker_module: str
+    """``python -m`` target of the worker."""
+    isolated: bool
+    """Run the interpreter with ``-I`` (nothing from Caravela's environment leaks in)."""
+
+    def command(self, manifest: Manifest) -> list[str]:
+        flags = ["-I"] if self.isolated else []
+        return [
+            self.python,
+            *flags,
+            "-m",
+            self.worker_module,
+            "--env-dir",
+            self.src,
+            "--entry",
+            manifest.entry_point,
+            "--api",
+            manifest.api,
+        ]
+
+
+def default_store() -> Path:
+    """``$CARAVELA_ENV_STORE``, else ``~/.cache/caravela/envs``."""
+    env = os.environ.get("CARAVELA_ENV_STORE")
+    return Path(env) if env else Path.home() / ".cache" / "caravela" / "envs"
+
+
+def _source_files(env_dir: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in env_dir.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+
+
+def content_hash(env_dir: Path) -> str:
+    """Hash of the env's files, the worker shim and the Python version (16 hex digits)."""
+    env_dir = Path(env_dir)
+    h = hashlib.sha256(f"python {sys.version_info.major}.{sys.version_info.minor}\n".encode())
+    for name in SHIM_FILES:
+        h.update((HERE / name).read_bytes())
+    for f in _source_files(env_dir):
+        h.update(str(f.relative_to(env_dir)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def process_env(env_dir: Path) -> BuiltEnv:
+    """Process isolation: Caravela's own interpreter, the env directory as is."""
+    manifest = load_manifest(env_dir)
+    return BuiltEnv(
+        name=manifest.name,
+        build_hash=content_hash(env_dir),
+        python=sys.executable,
+        src=str(Path(env_dir).resolve()),
+        worker_module="reward_envs.worker",
+        isolated=False,
+    )
+
+
+def _entry(root: Path, manifest: Manifest, digest: str) -> BuiltEnv:
+    return BuiltEnv(
+        name=manifest.name,
+        build_hash=digest,
+        python=str(root / "venv" / "bin" / "python"),
+        src=str(root / "src"),
+        worker_module=SHIM_PACKAGE,
+        isolated=True,
+    )
+
+
+def find_built(env_dir: Path, store: Path) -> BuiltEnv | None:
+    """The store entry for this exact env content, if it was built."""
+    manifest = load_manifest(env_dir)
+    digest = content_hash(env_dir)
+    root = Path(store) / f"{manifest.name}-{digest}"
+    return _entry(root, manifest, digest) if (root / "build.json").exists() else None
+
+
+def _uv() -> str:
+    from uv import find_uv_bin
+
+    return str(find_uv_bin())
+
+
+def _run(cmd: list[str], manifest: Manifest, what: str) -> None:
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        err = proc.stderr.strip()
+        named = [r for r in manifest.requirements if _req_name(r) in err.lower()]
+        culprit = f" (failing: {', '.join(named)})" if named else ""
+        raise EnvBuildError(f"env {manifest.name!r}: {what} failed{culprit}.\n{err[-3000:]}")
+
+
+def _req_name(requirement: str) -> str:
+    name = requirement.strip()
+    for sep in "<>=!~[; @":
+        name = name.split(sep)[0]
+    return name.lower().replace("_", "-")
+
+
+def build(
+    env_dir: Path,
+    store: Path | None = None,
+    offline: bool = False,
+    wheelhouse: Path | None = None,
+) -> BuiltEnv:
+    """Build (or find) the env's venv in ``store``; returns the entry."""
+    env_dir = Path(env_dir).resolve()
+    manifest = load_manifest(env_dir)
+    store = Path(store or default_store())
+    found = find_built(env_dir, store)
+    if found is not None:
+        return found
+    digest = content_hash(env_dir)
+    root = store / f"{manifest.name}-{digest}"
+    (store / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(store / ".locks" / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "build.json").exists():  # built by someone else while we waited
+            return _entry(root, manifest, digest)
+        tmp = store / f".tmp-{root.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.perf_counter()
+        try:
+            _build_into(tmp, env_dir, manifest, offline, wheelhouse)
+            record = {
+                "name": manifest.name,
+                "version": manifest.version,
+                "build_hash": digest,
+                "requirements": manifest.requirements,
+                "lock": manifest.lock,
+                "python": sys.version.split()[0],
+                "offline": offline,
+                "wheelhouse": str(wheelhouse) if wheelhouse else None,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            (tmp / "build.json").write_text(json.dumps(record, indent=2))
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _entry(root, manifest, digest)
+
+
+def _build_into(
+    tmp: Path, env_dir: Path, manifest: Manifest, offline: bool, wheelhouse: Path | None
+) -> None:
+    uv = _uv()
+    base = getattr(sys, "_base_executable", sys.executable)
+    _run([uv, "venv", "--relocatable", "--python", base, str(tmp / "venv")], manifest, "uv venv")
+    python = str(tmp / "venv" / "bin" / "python")
+    reqs = list(manifest.requirements)
+    if manifest.lock:
+        reqs = ["-r", str(env_dir / manifest.lock)]
+    if reqs:
+        cmd = [uv, "pip", "install", "--python", python, *reqs]
+        if offline or wheelhouse:
+            cmd.append("--offline")
+        if wheelhouse:
+            cmd += ["--no-index", "--find-links", str(wheelhouse)]
+        _run(cmd, manifest, f"installing {' '.join(manifest.requirements or reqs)}")
+    shutil.copytree(env_dir, tmp / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    site = next((tmp / "venv" / "lib").glob("python3*/site-packages"))
+    shim = site / SHIM_PACKAGE
+    shim.mkdir()
+    for name in SHIM_FILES:
+        shutil.copy2(HERE / name, shim / name)
+    (shim / "__init__.py").write_text('"""Caravela env worker shim (stdlib only)."""\n')
+    (shim / "__main__.py").write_text(
+        "import sys\n\nfrom caravela_env_worker.worker import main\n\nsys.exit(main())\n"
+    )
+
+
+def describe(entry: BuiltEnv) -> dict[str, object]:
+    return asdict(entry)

@@ -1,0 +1,328 @@
+"""Reward function of the built-in ``math`` env: final-answer equivalence through math-verify.
+
+``score(prompt, completion, answer)`` is 1.0 when the completion's final answer is
+mathematically equivalent to the reference ``answer``, else 0.0. Equivalence itself is
+HuggingFace's math-verify (``parse`` + ``verify``: sympy values, fractions, radicals,
+expressions, sets, intervals, equations such as ``x=3`` against ``3``, numeric tolerance of
+6 decimals). This module adds the answer extraction and the pre-normalisation math-verify
+lacks.
+
+Answer extraction (on the completion):
+
+* the text after the last ``"answer is"`` / ``"answer:"`` (also Portuguese ``"resposta é"`` /
+  ``"resposta:"``), case-insensitive, up to the end of that sentence (a ``.`` before
+  whitespace, or a newline), or the whole math block when it opens one (``$$…$$``, ``\\[…\\]``);
+* every ``\\boxed{…}`` (and ``\\fbox{…}``);
+* only when neither exists: the last number (or ``a/b`` / ``\\frac{a}{b}``) in the completion.
+
+Every declared answer (the answer-is sentence and each box) must match the reference, so a
+completion that commits to several candidates (two different boxes, a box that disagrees
+with its "The answer is" sentence) scores 0. Inside one answer, ``or`` (``ou``) makes it
+ambiguous (0) unless the reference is a collection, where ``or`` / ``and`` separate items.
+
+Pre-normalisation of each answer (and of the reference) before math-verify sees it:
+
+* unicode: minus signs (U+2212, U+FE63, U+FF0D; an en dash before a digit) become ``-``;
+  no-break / thin spaces between digit groups are thousands separators; ``π × ÷ · √ ∞ ≤ ≥``
+  become their LaTeX commands;
+* currency: ``R$``, ``US$``, ``\\$``, ``$``, ``€``, ``£``, ``¥`` are dropped;
+* words: ``\\text{…}``-style wrappers are unwrapped, words before the answer are dropped and
+  the answer ends at the first word after it (units: ``42 apples``, ``3 cm``, ``12 reais``),
+  unless the answer is only words (``\\text{Evelyn}``);
+* ``percent`` / ``por cento`` / ``\\%`` become ``%``; a percent sign on either side is
+  optional: ``p%`` equals both ``p`` and ``p/100`` (reference ``50%`` accepts ``50%``, ``50``
+  and ``0.5``; reference ``0.5`` accepts ``50%`` but not ``50``; reference ``50`` accepts
+  ``50%``);
+* number separators, for a scalar reference: when a number holds both ``.`` and ``,`` the
+  last one is the decimal mark and the other groups thousands (``1.234,5`` = ``1,234.5`` =
+  1234.5); a lone ``,`` followed by exactly three digits groups thousands (``1,234`` = 1234,
+  the English reading), any other lone ``,`` is a decimal comma (``3,5`` = 3.5, ``0,500`` =
+  0.5); repeated separators in groups of three group thousands (``1.234.567``, ``1,234,567``,
+  ``1 234 567``); a single ``.`` is always a decimal point;
+* for a collection reference (braces, brackets/parentheses with commas, ``", "``, ``;`` or
+  ``and``): commas separate items (``1,2`` = ``{1, 2}``), unless the text uses ``;``, which
+  then separates items while commas are read as in a scalar; plain braces ``{1, 2}`` are read
+  as the set ``\\{1, 2\\}``; sets compare without order;
+* a reference in GSM8K form keeps what follows the last ``####``; a boxed reference is
+  unboxed.
+
+Timeouts: math-verify's own ``parsing_timeout`` / ``timeout_seconds`` use ``signal.alarm``,
+which works only on the main thread. The env pool calls ``score`` on its worker's main
+thread, so there math-verify keeps its default 5 s limits (a pathological sympy item then
+scores 0 instead of hanging); called from any other thread (an in-process caller's thread
+pool) the limits are switched off, and the caller's own per-item timeout applies.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+MATH_VERIFY_TIMEOUT_S = 5
+"""math-verify's default per-parse and per-comparison limit, used on the main thread."""
+
+_EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
+
+# --- unicode and currency ---------------------------------------------------------------
+
+_UNICODE_SYMBOLS = {
+    "\u2212": "-",  # minus sign
+    "\ufe63": "-",  # small hyphen-minus
+    "\uff0d": "-",  # full-width hyphen-minus
+    "π": r"\pi ",
+    "×": r"\times ",
+    "÷": r"\div ",
+    "·": r"\cdot ",
+    "√": r"\sqrt",
+    "∞": r"\infty ",
+    "≤": r"\le ",
+    "≥": r"\ge ",
+}
+_EN_DASH_MINUS_RE = re.compile(r"(?<![\d\w])\u2013(?=\s?\d)")
+_GROUP_SPACE_RE = re.compile(r"(?<=\d)[\u00a0\u202f\u2009\u2007](?=\d{3}(?!\d))")
+_OTHER_SPACE_RE = re.compile(r"[\u00a0\u202f\u2009\u2007]")
+_CURRENCY_RE = re.compile(r"R\$|US\$|\\\$|[$€£¥]")
+
+
+def normalise_unicode(text: str) -> str:
+    """Unicode minus signs, digit-group spaces and math symbols in ASCII / LaTeX form."""
+    text = _EN_DASH_MINUS_RE.sub("-", text)
+    text = _GROUP_SPACE_RE.sub("", text)
+    text = _OTHER_SPACE_RE.sub(" ", text)
+    for symbol, replacement in _UNICODE_SYMBOLS.items():
+        text = text.replace(symbol, replacement)
+    return text
+
+
+# --- extraction -------------------------------------------------------------------------
+
+_MARKER_RE = re.compile(r"(?i)\b(?:answer\s*(?:is\b|:)|resposta\s*(?:é|:))\s*:?\s*")
+_DISPLAY_BLOCKS = (("$$", "$$"), (r"\[", r"\]"))
+_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_LAST_NUMBER_RE = re.compile(
+    r"-?\\d?frac\{-?\d+\}\{\d+\}|-?\d+(?:[.,]\d+)*(?:\s*/\s*\d+)?(?:\s*(?:%|\\%))?"
+)
+
+
+def braced_contents(text: str, pattern: re.Pattern[str]) -> list[str]:
+    """Contents of each ``{…}`` group opened by ``pattern`` (balanced braces; unclosed: skip)."""
+    found = []
+    for m in pattern.finditer(text):
+        depth, start = 1, m.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found.append(text[start:i])
+                break
+    return found
+
+
+def answer_sentence(completion: str) -> str | None:
+    """Text after the last answer marker: its display-math block, or up to its sentence end."""
+    markers = list(_MARKER_RE.finditer(completion))
+    if not markers:
+        return None
+    rest = completion[markers[-1].end() :]
+    for opening, closing in _DISPLAY_BLOCKS:
+        if rest.startswith(opening):
+            end = rest.find(closing, len(opening))
+            if end > 0:
+                return rest[: end + len(closing)]
+    end = _SENTENCE_END_RE.search(rest)
+    sentence = rest[: end.start()] if end else rest
+    return sentence.strip() or None
+
+
+def last_number(completion: str) -> str | None:
+    """The last number, ``a/b`` or ``\\frac{a}{b}`` in the completion, or None."""
+    numbers = _LAST_NUMBER_RE.findall(completion)
+    return numbers[-1] if numbers else None
+
+
+def declared_answers(completion: str) -> list[str]:
+    """Every answer the completion commits to (see the module docstring), maybe none."""
+    completion = normalise_unicode(completion)
+    boxes = braced_contents(completion, _BOX_RE)
+    sentence = answer_sentence(completion)
+    if sentence is not None and not _BOX_RE.search(sentence):
+        boxes.append(sentence)
+    if boxes:
+        return boxes
+    number = last_number(completion)
+    return [number] if number is not None else []
+
+
+# --- normalisation of one answer --------------------------------------------------------
+
+_TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
+_PERCENT_WORD_RE = re.compile(r"(?i)\s*(?:per\s?cent|percentage|por\s?cento)\b|\\%")
+_AND_RE = re.compile(r"(?i)\s+(?:and|or|ou)\s+")
+_WORD_RE = re.compile(r"(?<![\\A-Za-z])[^\W\d_]+")
+_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "pi"}
+_CONTENT_RE = re.compile(r"[^\s.,;:!?]")
+_AMBIGUOUS_WORDS = {"or", "ou"}
+_NUMBER_TOKEN_RE = re.compile(r"(?<![\d.,])\d+(?:[.,]\d+)+(?![\d])")
+_SPACE_GROUPS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d.,])")
+_THOUSANDS_GROUPS_RE = re.compile(r"[1-9]\d{0,2}(?:X\d{3})+")
+_OPEN_COLLECTION_RE = re.compile(r"^\s*(?:\\\{|\{|\\left\s*[(\[]|\(|\[)")
+
+
+def unwrap_text(text: str) -> str:
+    """``\\text{5 apples}`` → ``5 apples`` (innermost wrappers first, balanced braces)."""
+    while m := _TEXT_WRAPPER_RE.search(text):
+        inner = braced_contents(text[m.start() :], _TEXT_WRAPPER_RE)
+        if not inner:
+            return text
+        end = m.end() + len(inner[0]) + 1
+        text = text[: m.start()] + " " + inner[0] + " " + text[end:]
+    return text
+
+
+def is_word(token: str) -> bool:
+    """A prose word: 2+ letters, or any non-ASCII letter; not a math function name."""
+    return (len(token) > 1 or not token.isascii()) and token.lower() not in _MATH_WORDS
+
+
+def has_content(text: str) -> bool:
+    """Whether ``text`` holds more than whitespace and punctuation."""
+    return bool(_CONTENT_RE.search(text))
+
+
+def strip_prose(text: str) -> tuple[str, str | None]:
+    """The answer without the prose before it, cut at the first word after it.
+
+    Returns the answer and the word it was cut at (None when nothing followed). An answer
+    that is only words (``Evelyn``) is kept whole.
+    """
+    start = 0
+    for m in _WORD_RE.finditer(text):
+        if not is_word(m.group()):
+            continue
+        if has_content(text[start : m.start()]):
+            return text[start : m.start()], m.group()
+        start = m.end()
+    rest = text[start:]
+    return (rest if has_content(rest) else text), None
+
+
+def ungroup(token: str, mark: str) -> str | None:
+    """``token`` without its ``mark`` thousands separators, or None if not grouped by 3."""
+    if _THOUSANDS_GROUPS_RE.fullmatch(token.replace(mark, "X")):
+        return token.replace(mark, "")
+    return None
+
+
+def canonical_number(token: str) -> str:
+    """One number with ``.``/``,`` separators in plain form (rules in the module docstring)."""
+    marks = re.findall(r"[.,]", token)
+    if len(set(marks)) == 2:
+        decimal = marks[-1]
+        head, _, tail = token.rpartition(decimal)
+        grouped = ungroup(head, "," if decimal == "." else ".") if decimal not in head else None
+        return f"{grouped}.{tail}" if grouped is not None else token
+    if len(marks) > 1:
+        return ungroup(token, marks[0]) or token
+    if marks == ["."]:
+        return token
+    grouped = ungroup(token, ",")
+    return grouped if grouped is not None else token.replace(",", ".")
+
+
+def canonical_numbers(text: str, collection: bool) -> str:
+    """Every separated number in ``text`` in plain form; commas split items in collections."""
+    if collection and ";" not in text:
+        return _NUMBER_TOKEN_RE.sub(lambda m: ungroup(m.group(), ".") or m.group(), text).replace(
+            ",", ", "
+        )
+    text = _NUMBER_TOKEN_RE.sub(lambda m: canonical_number(m.group()), text)
+    if collection:
+        return text.replace(";", ",")
+    return _SPACE_GROUPS_RE.sub(lambda m: m.group().replace(" ", ""), text)
+
+
+def is_collection(reference: str) -> bool:
+    """Whether the (cleaned) reference lists several items: a set, tuple, interval or list."""
+    if ";" in reference or re.search(r",\s|\s+and\s+", reference):
+        return True
+    return bool(_OPEN_COLLECTION_RE.match(reference)) and "," in reference
+
+
+def clean(text: str) -> str:
+    """Unicode, currency, ``\\text`` wrappers, percent words and prose removed from an answer."""
+    text = normalise_unicode(text)
+    boxes = braced_contents(text, _BOX_RE)
+    text = boxes[-1] if boxes else text
+    text = _CURRENCY_RE.sub("", unwrap_text(text))
+    text = re.sub(r"\\[()\[\]]", " ", text)
+    text = _PERCENT_WORD_RE.sub("%", text)
+    return text.strip()
+
+
+def finish(text: str, collection: bool) -> str | None:
+    """Prose cut, separators made canonical, plain braces made a set; None: ambiguous/empty."""
+    if collection:
+        text = _AND_RE.sub(", ", text)
+    text, stop = strip_prose(text)
+    if stop is not None and stop.lower() in _AMBIGUOUS_WORDS:
+        return None
+    text = canonical_numbers(text.strip().rstrip(".,;:").strip(), collection)
+    if text.startswith("{") and text.endswith("}"):
+        text = rf"\{{{text[1:-1]}\}}"
+    return text or None
+
+
+def variants(text: str) -> list[str]:
+    """``text`` and, when it ends in a percent sign, ``text`` without it."""
+    if text.endswith("%"):
+        return [text, text[:-1].rstrip()]
+    return [text]
+
+
+# --- math-verify ------------------------------------------------------------------------
+
+
+def timeout_s() -> int | None:
+    """math-verify's signal-based limit on the main thread; off elsewhere (it would raise)."""
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def parsed(text: str) -> Iterator[list[Any]]:
+    """math-verify parses of each variant of one normalised answer (empty ones skipped)."""
+    for variant in variants(text):
+        result = parse(f"${variant}$", _EXTRACTION_CONFIG, parsing_timeout=timeout_s())
+        if result:
+            yield result
+
+
+def equivalent(reference: list[list[Any]], candidate: str) -> bool:
+    """Whether any parse of ``candidate`` verifies against any parse of the reference."""
+    return any(
+        verify(gold, pred, timeout_seconds=timeout_s())
+        for pred in parsed(candidate)
+        for gold in reference
+    )
+
+
+def reference_text(answer: str) -> str:
+    """The reference with any GSM8K ``####`` prefix and box removed, cleaned."""
+    return clean(answer.rpartition("####")[2])
+
+
+def score(prompt: str, completion: str, answer: str, **fields: Any) -> float:
+    """1.0 if every answer the completion declares is equivalent to ``answer``, else 0.0."""
+    del prompt, fields
+    ref = reference_text(answer)
+    collection = is_collection(ref)
+    ref_final = finish(ref, collection=collection)
+    if ref_final is None:
+        return 0.0
+    reference = list(parsed(ref_final))
+    candidates = [finish(clean(c), collection) for c in declared_answers(completion)]
+    if not reference or not candidates or None in candidates:
+        return 0.0
+    return 1.0 if all(equivalent(reference, c) for c in candidates) else 0.0
