@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     from reward_envs.main import build_parser as env_parser
 
-    env_parser(sub.add_parser("env", help="check or try a reward environment"))
+    env_parser(sub.add_parser("env", help="build, list, test or try reward environments"))
     from inference_server.serve import add_arguments
 
     add_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server on a model dir"))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from inference_server.config import InferenceConfig
 from orchestrator import paths
-from reward_envs.config import EnvSpec
+from reward_envs.config import EnvSpec, VenvIsolation
 from trainer.config import StrictModel, TrainerConfig
 
 
@@ -89,7 +89,10 @@ class RunConfig(StrictModel):
     )
     """Prompt sources, each tagged with the env that scores it."""
     envs: list[EnvSpec] = Field(
-        default_factory=lambda: [EnvSpec(name="arith", path=paths.ARITH_ENV)], min_length=1
+        default_factory=lambda: [
+            EnvSpec(name="arith", path=paths.ARITH_ENV, isolation=VenvIsolation())
+        ],
+        min_length=1,
     )
     """Reward environments."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

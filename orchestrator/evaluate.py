@@ -3,10 +3,11 @@
 Owns :func:`evaluate_passk`, used by the CLI, the tiny model's build script and
 ``examples/tiny_arith/measure_passk.py``. It samples through the transformers engine
 (``inference_server.transformers_backend``), the same path RL rollouts take. Prompts are
-encoded by ``inference_server.tokens.encode_prompts`` (``<s>`` + prompt). A completion is
-scored with ``score_fn(prompt, completion, answer) -> float`` (e.g. the built-in ``arith``
-env) and counts as correct when its score is >= 0.5. Sampling is seeded and does not disturb
-the caller's global torch RNG.
+encoded by ``inference_server.tokens.encode_prompts`` (``<s>`` + prompt). Completions are
+scored in one batch per pass by ``score_batch(items) -> [score or None]`` (an env pool in a
+run; a plain function in the example scripts) and count as correct when the score is >= 0.5.
+An item the env could not score (None) is counted in ``errors``, not as a wrong answer.
+Sampling is seeded and does not disturb the caller's global torch RNG.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ import torch
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.tokens import encode_prompts
 from inference_server.transformers_backend import TransformersEngine
+from reward_envs.protocol import Item
 
-ScoreFn = Callable[[str, str, str], float]
+BatchScore = Callable[[list[Item]], list[float | None]]
+
+
+def in_process(fn: Callable[..., float]) -> BatchScore:
+    """A plain ``fn(prompt, completion, **fields)`` as a batch scorer (offline tooling only;
+    runs score through env pools)."""
+    return lambda items: [fn(i.prompt, i.completion, **i.fields) for i in items]
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class EvalResult:
     passk: float  # fraction of prompts with >= 1 correct among k samples
     n_prompts: int
     k: int
+    errors: int = 0  # completions the env could not score (neither right nor wrong)
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -42,7 +51,7 @@ def evaluate_passk(
     model: Any,
     tokenizer: Any,
     rows: list[dict[str, Any]],
-    score_fn: ScoreFn,
+    score_batch: BatchScore,
     k: int = 8,
     temperature: float = 1.0,
     max_new_tokens: int = 40,
@@ -70,20 +79,33 @@ def evaluate_passk(
         ]
         return [[c.text for c in res.completions] for res in engine.generate(requests)]
 
-    def hits(row: dict[str, Any], completions: list[str]) -> int:
-        return sum(score_fn(row["prompt"], c, str(row["answer"])) >= 0.5 for c in completions)
+    errors = 0
+
+    def hits(outs: list[list[str]]) -> list[int]:
+        nonlocal errors
+        fields = [{k: v for k, v in r.items() if k not in ("id", "prompt", "env")} for r in rows]
+        items = [
+            Item(r["prompt"], c, f) for r, f, o in zip(rows, fields, outs, strict=True) for c in o
+        ]
+        scores = iter(score_batch(items))
+        per_prompt = []
+        for o in outs:
+            got = [next(scores) for _ in o]
+            errors += sum(s is None for s in got)
+            per_prompt.append(sum(s is not None and s >= 0.5 for s in got))
+        return per_prompt
 
     greedy_hits = 0
     if greedy:
         outs = texts(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
-        greedy_hits = sum(hits(r, o) for r, o in zip(rows, outs, strict=True))
+        greedy_hits = sum(hits(outs))
 
     device = next(model.parameters()).device
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         sampled = texts(SamplingParams(n=k, temperature=temperature, max_tokens=max_new_tokens))
-    per_prompt = [hits(r, o) for r, o in zip(rows, sampled, strict=True)]
+    per_prompt = hits(sampled)
     sample_hits = sum(per_prompt)
     solved = sum(h > 0 for h in per_prompt)
 
@@ -94,4 +116,5 @@ def evaluate_passk(
         passk=solved / n,
         n_prompts=n,
         k=k,
+        errors=errors,
     )

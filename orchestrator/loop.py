@@ -21,7 +21,9 @@ from inference_server.transformers_backend import TransformersEngine
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult, evaluate_passk
-from orchestrator.scoring import ScoreFn, load_env, score_one
+from orchestrator.scoring import score_groups
+from reward_envs.protocol import RewardResult
+from reward_envs.scorer import LocalScorer
 from trainer.advantages import compute_advantages
 from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed
@@ -60,21 +62,17 @@ def build_batch(
     prompts: list[Prompt],
     requests: list[GenerateRequest],
     results: list[GenerateResult],
-    scorers: dict[str, ScoreFn],
+    scores: list[list[RewardResult]],
     cfg: RunConfig,
 ) -> tuple[TrainBatch | None, dict[str, float]]:
-    """Score every completion, compute group advantages, keep the groups that teach."""
+    """Group advantages from the scored completions; keep the groups that teach."""
     samples: list[TrainSample] = []
     rewards, errors, kept, zero_var = [], 0, 0, 0
-    for prompt, request, result in zip(prompts, requests, results, strict=True):
-        scores = [
-            score_one(scorers[prompt.env], prompt.text, c.text, prompt.fields)
-            for c in result.completions
-        ]
-        if any(s.value is None for s in scores):
-            errors += sum(s.value is None for s in scores)  # group unusable: counted, not zeroed
+    for prompt, request, result, group in zip(prompts, requests, results, scores, strict=True):
+        if any(s.score is None for s in group):
+            errors += sum(s.score is None for s in group)  # group unusable: counted, not zeroed
             continue
-        r = torch.tensor([[s.value for s in scores]], dtype=torch.float32)
+        r = torch.tensor([[s.score for s in group]], dtype=torch.float32)
         rewards.extend(r[0].tolist())
         adv = compute_advantages(r, cfg.advantage.type, cfg.advantage.scale_by_std)
         if bool(adv.zero_variance[0]):
@@ -114,7 +112,7 @@ class Policy:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.model, self.tok = load_policy(cfg)
-        self.scorers = {e.name: load_env(e) for e in cfg.envs}
+        self.envs = LocalScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
         self.heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
         backend = cfg.inference.backend
         self.engine: Engine
@@ -139,7 +137,8 @@ class Policy:
             ]
 
     def close(self) -> None:
-        """Stop engine processes (vLLM) now instead of at interpreter exit."""
+        """Stop env workers and engine processes (vLLM) now, not at interpreter exit."""
+        self.envs.close()
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:
             shutdown()
@@ -180,7 +179,7 @@ class Policy:
             self.model,
             self.tok,
             rows,
-            self.scorers[env],
+            lambda items: [r.score for r in self.envs.score(env, items)],
             k=c.eval.k,
             temperature=c.rollout.temperature,
             max_new_tokens=c.rollout.max_new_tokens,
@@ -235,7 +234,8 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
                 for p in prompts
             ]
             results = policy.engine.generate(requests)
-            batch, metrics = build_batch(step, prompts, requests, results, policy.scorers, cfg)
+            scores = score_groups(policy.envs, prompts, results)
+            batch, metrics = build_batch(step, prompts, requests, results, scores, cfg)
             if batch is not None:
                 metrics.update(trainer.train_step(batch))
             metrics.update(policy.push(trainer.version))

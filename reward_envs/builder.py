@@ -224,5 +224,23 @@ def _build_into(
     )
 
 
+def prepare(
+    env_dir: Path,
+    isolation: str,
+    store: Path | None = None,
+    offline: bool = False,
+    wheelhouse: Path | None = None,
+) -> BuiltEnv:
+    """What a pool runs for ``env_dir`` under ``isolation``: found or built now."""
+    if isolation == "process":
+        return process_env(env_dir)
+    if isolation == "venv":
+        return build(env_dir, store, offline=offline, wheelhouse=wheelhouse)
+    raise NotImplementedError(
+        f"env at {env_dir}: isolation {isolation!r} (containers) is not built yet; "
+        'use isolation.type = "venv" or "process"'
+    )
+
+
 def describe(entry: BuiltEnv) -> dict[str, object]:
     return asdict(entry)

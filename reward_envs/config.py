@@ -26,7 +26,12 @@ class VenvIsolation(StrictModel):
     type: Literal["venv"] = "venv"
     """Selects this isolation."""
     store: Path | None = None
-    """Env store directory (shared filesystem on clusters); None = ``<run dir>/env-store``."""
+    """Env store directory (a shared filesystem on clusters); None = ``$CARAVELA_ENV_STORE``
+    or ``~/.cache/caravela/envs``. Pre-build into it with ``caravela env build``."""
+    offline: bool = False
+    """Build without network access (uv ``--offline``), from the uv cache or ``wheelhouse``."""
+    wheelhouse: Path | None = None
+    """Directory of wheels to build from with no index (air-gapped nodes); read-only is fine."""
 
 
 class DockerIsolation(StrictModel):
@@ -65,9 +70,12 @@ class EnvSpec(StrictModel):
     isolation: Isolation = Field(default_factory=ProcessIsolation)
     """How its worker processes are isolated; pick with ``isolation.type``."""
     workers: int = Field(2, ge=1, le=256)
-    """Worker processes in the env's pool."""
-    timeout_s: float = Field(10.0, gt=0.0)
-    """Hard per-item timeout; the worker is killed past it and the item reported as an error."""
+    """Worker processes in the env's pool (capped by the manifest's ``concurrency``)."""
+    timeout_s: float | None = Field(None, gt=0.0)
+    """Hard per-item timeout; past it the worker is killed and the item is an error.
+    None = the manifest's ``timeout_s``."""
+    replicas: int = Field(1, ge=1)
+    """Pool actors for this env on the trainer nodes (distributed runs)."""
 
     @field_validator("name")
     @classmethod

@@ -187,6 +187,10 @@ class EnvPool:
             log.close()
         self._logs = []
 
+    def counters(self) -> dict[str, int]:
+        """``stats`` as a plain dict (callable through a Ray actor handle)."""
+        return dict(self.stats)
+
     def pids(self) -> list[int]:
         """Worker process ids (for tests and monitoring)."""
         return [w.pid for w in self.workers]

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 if __package__ in (None, ""):  # run as a script: make the sibling import work
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from protocol import (  # type: ignore[import-not-found,no-redef]
+    from protocol import (
         PROTOCOL_VERSION,
         Hello,
         Item,

@@ -39,7 +39,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from orchestrator.evaluate import EvalResult, evaluate_passk
+from orchestrator.evaluate import EvalResult, evaluate_passk, in_process
 from reward_envs.builtin.arith.env import score
 
 HERE = Path(__file__).resolve().parent
@@ -152,7 +152,7 @@ def train(
             )
         if step not in CANDIDATE_STEPS:
             continue
-        res = evaluate_passk(model, tok, eval_rows, score, k=EVAL_K, seed=seed)
+        res = evaluate_passk(model, tok, eval_rows, in_process(score), k=EVAL_K, seed=seed)
         model.train()
         ok = PASS1_RANGE[0] <= res.pass1 <= PASS1_RANGE[1] and res.passk >= MIN_PASSK
         candidates.append({"step": step, **res.to_dict(), "qualifies": ok})

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator.evaluate import evaluate_passk
+from orchestrator.evaluate import evaluate_passk, in_process
 from reward_envs.builtin.arith.env import score
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         model,
         tok,
         rows,
-        score,
+        in_process(score),
         k=args.k,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,

@@ -1,6 +1,7 @@
 """The single-process GRPO run on the shipped tiny model learns, and loses no sample."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,9 @@ from inference_server.protocol import Completion, GenerateRequest, GenerateResul
 from orchestrator.config import load_config
 from orchestrator.data import Prompt
 from orchestrator.loop import build_batch, run
-from orchestrator.scoring import score_one
+from orchestrator.paths import ARITH_ENV
+from orchestrator.scoring import score_groups
+from reward_envs.protocol import RewardResult
 
 
 @pytest.mark.slow
@@ -43,6 +46,14 @@ def completion(text, tokens):
     )
 
 
+def scored(value):
+    return RewardResult(value, None, None, {}, "arith", "h", "0:1")
+
+
+def failed(why):
+    return RewardResult(None, why, "exception", {}, "arith", "h", "0:1")
+
+
 def test_build_batch_keeps_every_sample_of_every_kept_group():
     cfg = load_config(overrides=["advantage.drop_zero_variance=true"])
     prompts = [
@@ -50,14 +61,13 @@ def test_build_batch_keeps_every_sample_of_every_kept_group():
         for i in range(3)
     ]
     requests = [GenerateRequest(request_id=p.id, prompt_ids=[1, 2]) for p in prompts]
-    right, wrong = "1+1=2, 2+1=3. The answer is 3.", "1+1=2, 2+1=4. The answer is 4."
-    texts = [[right, wrong], [right, right], [wrong, wrong, right, wrong]]
+    texts = [["r", "w"], ["r", "r"], ["w", "w", "r", "w"]]
     results = [
         GenerateResult(request_id=p.id, completions=[completion(t, [5, 6]) for t in ts])
         for p, ts in zip(prompts, texts, strict=True)
     ]
-    scorers = {"arith": lambda prompt, completion, answer: float(f"is {answer}." in completion)}
-    batch, stats = build_batch(0, prompts, requests, results, scorers, cfg)
+    scores = [[scored(float(t == "r")) for t in ts] for ts in texts]
+    batch, stats = build_batch(0, prompts, requests, results, scores, cfg)
     ids = sorted(s.sample_id for s in batch.samples)
     assert ids == ["p0/0", "p0/1", "p2/0", "p2/1", "p2/2", "p2/3"]  # p1 has no signal
     assert stats["groups_zero_variance"] == 1 and stats["groups_kept"] == 2
@@ -72,30 +82,40 @@ def test_env_errors_are_counted_never_scored_zero():
     results = [
         GenerateResult(request_id="p0", completions=[completion("a", [5]), completion("b", [6])])
     ]
-
-    def flaky(prompt, completion, answer):
-        if completion == "b":
-            raise RuntimeError("verifier crashed")
-        return 1.0
-
-    batch, stats = build_batch(0, prompts, requests, results, {"arith": flaky}, cfg)
+    scores = [[scored(1.0), failed("RuntimeError: verifier crashed")]]
+    batch, stats = build_batch(0, prompts, requests, results, scores, cfg)
     assert batch is None
     assert stats["reward_errors"] == 1
     assert math.isnan(stats["reward_mean"])  # nothing was scored 0 in its place
 
 
-@pytest.mark.parametrize(
-    ("value", "error"),
-    [
-        (float("nan"), "must be finite"),
-        ("1.0", "must be a float"),
-        (None, "must be a float"),
-        (True, "must be a float"),
-    ],
-)
-def test_bad_reward_values_become_error_results(value, error):
-    s = score_one(lambda *a, **k: value, "p", "c", {})
-    assert s.value is None and error in s.error
+def test_score_groups_routes_each_prompt_to_its_env_through_real_pools(tmp_path):
+    from reward_envs.config import EnvSpec
+    from reward_envs.scorer import LocalScorer
+
+    chaos = Path(__file__).parents[1] / "reward_envs" / "envs" / "chaos"
+    scorer = LocalScorer(
+        [EnvSpec(name="arith", path=ARITH_ENV), EnvSpec(name="chaos", path=chaos)],
+        log_dir=tmp_path,
+    )
+    try:
+        prompts = [
+            Prompt(id="a", text="Q: 1+1+1 A: ", env="arith", fields={"answer": "3"}),
+            Prompt(id="c", text="p", env="chaos", fields={}),
+        ]
+        results = [
+            GenerateResult(
+                request_id="a",
+                completions=[completion("The answer is 3.", [5]), completion("x", [5])],
+            ),
+            GenerateResult(request_id="c", completions=[completion(t, [5]) for t in ("ok", "nan")]),
+        ]
+        groups = score_groups(scorer, prompts, results)
+    finally:
+        scorer.close()
+    assert [[r.score for r in g] for g in groups] == [[1.0, 0.0], [1.0, None]]
+    assert [g[0].env for g in groups] == ["arith", "chaos"]
+    assert groups[1][1].error_kind == "bad_value"
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):

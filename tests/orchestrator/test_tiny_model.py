@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator.evaluate import evaluate_passk
+from orchestrator.evaluate import evaluate_passk, in_process
 from reward_envs.builtin.arith.env import score
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_evaluate_passk_leaves_room_for_rl(tiny: tuple[Any, Any]) -> None:
     rows = _read_jsonl(DATA_DIR / "heldout.jsonl")[:64]
     rng_state = torch.get_rng_state()
     # One generate call of 64 x 8 sequences, no greedy pass: a few seconds on 2 cores.
-    res = evaluate_passk(model, tok, rows, score, k=8, batch_size=512, greedy=False)
+    res = evaluate_passk(model, tok, rows, in_process(score), k=8, batch_size=512, greedy=False)
     assert torch.equal(torch.get_rng_state(), rng_state)  # caller's RNG untouched
     assert res.n_prompts == 64 and res.k == 8
     assert res.passk > res.pass1 > 0
@@ -134,6 +134,6 @@ def test_evaluate_passk_leaves_room_for_rl(tiny: tuple[Any, Any]) -> None:
 def test_evaluate_passk_is_seeded(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     rows = _read_jsonl(DATA_DIR / "heldout.jsonl")[:8]
-    first = evaluate_passk(model, tok, rows, score, k=4, seed=3)
-    assert first == evaluate_passk(model, tok, rows, score, k=4, seed=3)
+    first = evaluate_passk(model, tok, rows, in_process(score), k=4, seed=3)
+    assert first == evaluate_passk(model, tok, rows, in_process(score), k=4, seed=3)
     assert 0.0 <= first.greedy_acc <= 1.0
