@@ -8,7 +8,11 @@ STAMP := $(VENV)/.caravela-installed
 # namespace with only loopback up (root: unshare -n; others: a user namespace, unshare -rn).
 LOOPBACK := $(if $(filter 0,$(shell id -u)),unshare -n,unshare -rn) sh -c 'ip link set lo up && exec "$$@"' loopback
 
-.PHONY: install run test lint
+# Env venvs are built before anything runs (as on a login node, with network): the tests use
+# their own store, `make run` the default one (~/.cache/caravela/envs).
+TEST_ENV_STORE := $(CURDIR)/.cache/env-store
+
+.PHONY: install run test lint envs
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
@@ -20,10 +24,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $@
 
 run: $(STAMP)
+	$(BIN)/caravela env build arith
 	$(LOOPBACK) $(BIN)/caravela run
 
-test: $(STAMP)
-	$(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)
+envs: $(STAMP)
+	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(BIN)/caravela env build
+
+test: $(STAMP) envs
+	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -67,6 +67,12 @@ class RayScorer:
     def __init__(self, specs: Sequence[EnvSpec], log_dir: Path | None = None) -> None:
         import ray
 
+        if not ray.cluster_resources().get(TRAINER_RESOURCE):
+            raise RuntimeError(
+                f"no Ray node offers the {TRAINER_RESOURCE!r} resource, so env pools have "
+                f"nowhere to run; start trainer nodes with `ray start ... --resources "
+                f"'{{\"{TRAINER_RESOURCE}\": 1}}'` (the SLURM launcher does)"
+            )
         self.replicas: dict[str, list[Any]] = {}
         for spec in specs:
             manifest, built = prepare_spec(spec)  # built on the driver, into the shared store

@@ -9,23 +9,28 @@ lacks.
 
 Answer extraction (on the completion):
 
-* the text after the last ``"answer is"`` / ``"answer:"`` (also Portuguese ``"resposta é"`` /
-  ``"resposta:"``), case-insensitive, up to the end of that sentence (a ``.`` before
-  whitespace, or a newline), or the whole math block when it opens one (``$$…$$``, ``\\[…\\]``);
+* the text after the last ``"answer is"`` / ``"answer:"`` (also Portuguese ``"resposta é"``,
+  ``"resposta final é"``, ``"resposta:"``), case-insensitive, up to the end of that sentence
+  (a ``.`` before whitespace, or a newline), or the whole display-math block it opens
+  (``$$…$$``, ``\\[…\\]``);
 * every ``\\boxed{…}`` (and ``\\fbox{…}``);
 * only when neither exists: the last number (or ``a/b`` / ``\\frac{a}{b}``) in the completion.
 
 Every declared answer (the answer-is sentence and each box) must match the reference, so a
 completion that commits to several candidates (two different boxes, a box that disagrees
-with its "The answer is" sentence) scores 0. Inside one answer, ``or`` (``ou``) makes it
-ambiguous (0) unless the reference is a collection, where ``or`` / ``and`` separate items.
+with its "The answer is" sentence) scores 0. Inside one answer, ``or`` / ``ou`` / ``and``
+right after the value (``3 or 4``) makes it ambiguous (0), unless the reference is a
+collection, where they separate items (``x = 3 or x = -3`` against ``{3, -3}``); a list
+(``3, 4``) never equals a single value. A declared answer over ``MAX_ANSWER_CHARS`` scores 0
+unparsed.
 
 Pre-normalisation of each answer (and of the reference) before math-verify sees it:
 
 * unicode: minus signs (U+2212, U+FE63, U+FF0D; an en dash before a digit) become ``-``;
   no-break / thin spaces between digit groups are thousands separators; ``π × ÷ · √ ∞ ≤ ≥``
   become their LaTeX commands;
-* currency: ``R$``, ``US$``, ``\\$``, ``$``, ``€``, ``£``, ``¥`` are dropped;
+* currency: ``R$``, ``US$``, ``\\$``, ``$``, ``€``, ``£``, ``¥`` are dropped, and so are
+  math delimiters, markdown emphasis (``**42**``, ``*42*``) and code marks;
 * words: ``\\text{…}``-style wrappers are unwrapped, words before the answer are dropped and
   the answer ends at the first word after it (units: ``42 apples``, ``3 cm``, ``12 reais``),
   unless the answer is only words (``\\text{Evelyn}``);
@@ -38,7 +43,8 @@ Pre-normalisation of each answer (and of the reference) before math-verify sees 
   1234.5); a lone ``,`` followed by exactly three digits groups thousands (``1,234`` = 1234,
   the English reading), any other lone ``,`` is a decimal comma (``3,5`` = 3.5, ``0,500`` =
   0.5); repeated separators in groups of three group thousands (``1.234.567``, ``1,234,567``,
-  ``1 234 567``); a single ``.`` is always a decimal point;
+  ``1 234 567``); a single ``.`` is always a decimal point. So a Portuguese ``36,256`` meaning
+  36.256 reads as 36256: write ``36,2560`` or ``36.256``;
 * for a collection reference (braces, brackets/parentheses with commas, ``", "``, ``;`` or
   ``and``): commas separate items (``1,2`` = ``{1, 2}``), unless the text uses ``;``, which
   then separates items while commas are read as in a scalar; plain braces ``{1, 2}`` are read
@@ -46,24 +52,23 @@ Pre-normalisation of each answer (and of the reference) before math-verify sees 
 * a reference in GSM8K form keeps what follows the last ``####``; a boxed reference is
   unboxed.
 
-Timeouts: math-verify's own ``parsing_timeout`` / ``timeout_seconds`` use ``signal.alarm``,
-which works only on the main thread. The env pool calls ``score`` on its worker's main
-thread, so there math-verify keeps its default 5 s limits (a pathological sympy item then
-scores 0 instead of hanging); called from any other thread (an in-process caller's thread
-pool) the limits are switched off, and the caller's own per-item timeout applies.
+Timeouts: math-verify's own ``parsing_timeout`` / ``timeout_seconds`` are switched off. They
+use ``signal.alarm`` (fails off the main thread) and, worse, make a pathological item score
+0 when they fire, a silent wrong reward. Here a slow item runs until the env pool's hard
+per-item limit (``timeout_s`` in the manifest) kills the worker, and the item comes back as
+a ``timeout`` error that the run counts and does not train on.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-MATH_VERIFY_TIMEOUT_S = 5
-"""math-verify's default per-parse and per-comparison limit, used on the main thread."""
+MAX_ANSWER_CHARS = 1000
+"""A declared answer longer than this scores 0 without being parsed (bounds the work)."""
 
 _EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 
@@ -82,7 +87,7 @@ _UNICODE_SYMBOLS = {
     "≤": r"\le ",
     "≥": r"\ge ",
 }
-_EN_DASH_MINUS_RE = re.compile(r"(?<![\d\w])\u2013(?=\s?\d)")
+_EN_DASH_MINUS_RE = re.compile(r"(?<!\w)\u2013(?=\s?\d)")
 _GROUP_SPACE_RE = re.compile(r"(?<=\d)[\u00a0\u202f\u2009\u2007](?=\d{3}(?!\d))")
 _OTHER_SPACE_RE = re.compile(r"[\u00a0\u202f\u2009\u2007]")
 _CURRENCY_RE = re.compile(r"R\$|US\$|\\\$|[$€£¥]")
@@ -100,7 +105,7 @@ def normalise_unicode(text: str) -> str:
 
 # --- extraction -------------------------------------------------------------------------
 
-_MARKER_RE = re.compile(r"(?i)\b(?:answer\s*(?:is\b|:)|resposta\s*(?:é|:))\s*:?\s*")
+_MARKER_RE = re.compile(r"(?i)\b(?:answer\s*(?:is\b|:)|resposta(?:\s+final)?\s*(?:é|:))\s*:?\s*")
 _DISPLAY_BLOCKS = (("$$", "$$"), (r"\[", r"\]"))
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -110,15 +115,25 @@ _LAST_NUMBER_RE = re.compile(
 
 
 def braced_contents(text: str, pattern: re.Pattern[str]) -> list[str]:
-    """Contents of each ``{…}`` group opened by ``pattern`` (balanced braces; unclosed: skip)."""
-    found = []
-    for m in pattern.finditer(text):
-        depth, start = 1, m.end()
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                found.append(text[start:i])
-                break
+    """Contents of the outermost ``{…}`` groups opened by ``pattern``, in order (one pass).
+
+    Braces are matched by depth; a group that never closes is skipped, and a group nested in
+    another matched group is part of the outer one.
+    """
+    openers = {m.end() - 1 for m in pattern.finditer(text)}
+    found: list[str] = []
+    stack: list[int] = []
+    open_groups = 0
+    for i, char in enumerate(text):
+        if char == "{":
+            stack.append(i)
+            open_groups += i in openers
+        elif char == "}" and stack:
+            start = stack.pop()
+            if start in openers:
+                open_groups -= 1
+                if open_groups == 0:
+                    found.append(text[start + 1 : i])
     return found
 
 
@@ -129,10 +144,9 @@ def answer_sentence(completion: str) -> str | None:
         return None
     rest = completion[markers[-1].end() :]
     for opening, closing in _DISPLAY_BLOCKS:
-        if rest.startswith(opening):
-            end = rest.find(closing, len(opening))
-            if end > 0:
-                return rest[: end + len(closing)]
+        close = rest.find(closing, len(opening)) if rest.startswith(opening) else -1
+        if close > 0:
+            return rest[: close + len(closing)]
     end = _SENTENCE_END_RE.search(rest)
     sentence = rest[: end.start()] if end else rest
     return sentence.strip() or None
@@ -147,12 +161,12 @@ def last_number(completion: str) -> str | None:
 def declared_answers(completion: str) -> list[str]:
     """Every answer the completion commits to (see the module docstring), maybe none."""
     completion = normalise_unicode(completion)
-    boxes = braced_contents(completion, _BOX_RE)
+    answers = braced_contents(completion, _BOX_RE)
     sentence = answer_sentence(completion)
     if sentence is not None and not _BOX_RE.search(sentence):
-        boxes.append(sentence)
-    if boxes:
-        return boxes
+        answers.append(sentence)
+    if answers:
+        return answers
     number = last_number(completion)
     return [number] if number is not None else []
 
@@ -161,11 +175,12 @@ def declared_answers(completion: str) -> list[str]:
 
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
 _PERCENT_WORD_RE = re.compile(r"(?i)\s*(?:per\s?cent|percentage|por\s?cento)\b|\\%")
-_AND_RE = re.compile(r"(?i)\s+(?:and|or|ou)\s+")
+_MARKDOWN_RE = re.compile(r"(?:^|(?<=\s))(?:\*\*|__)|(?:\*\*|__)(?=\s|$)|`")  # not 2**3
+_CONJUNCTION_RE = re.compile(r"(?i)\s+(?:and|or|ou)\s+")
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[^\W\d_]+")
 _MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "pi"}
 _CONTENT_RE = re.compile(r"[^\s.,;:!?]")
-_AMBIGUOUS_WORDS = {"or", "ou"}
+_AMBIGUOUS_WORDS = {"or", "ou", "and"}
 _NUMBER_TOKEN_RE = re.compile(r"(?<![\d.,])\d+(?:[.,]\d+)+(?![\d])")
 _SPACE_GROUPS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d.,])")
 _THOUSANDS_GROUPS_RE = re.compile(r"[1-9]\d{0,2}(?:X\d{3})+")
@@ -173,7 +188,7 @@ _OPEN_COLLECTION_RE = re.compile(r"^\s*(?:\\\{|\{|\\left\s*[(\[]|\(|\[)")
 
 
 def unwrap_text(text: str) -> str:
-    """``\\text{5 apples}`` → ``5 apples`` (innermost wrappers first, balanced braces)."""
+    """``\\text{5 apples}`` → ``5 apples``: each wrapper in turn, outermost first."""
     while m := _TEXT_WRAPPER_RE.search(text):
         inner = braced_contents(text[m.start() :], _TEXT_WRAPPER_RE)
         if not inner:
@@ -236,9 +251,8 @@ def canonical_number(token: str) -> str:
 def canonical_numbers(text: str, collection: bool) -> str:
     """Every separated number in ``text`` in plain form; commas split items in collections."""
     if collection and ";" not in text:
-        return _NUMBER_TOKEN_RE.sub(lambda m: ungroup(m.group(), ".") or m.group(), text).replace(
-            ",", ", "
-        )
+        text = _NUMBER_TOKEN_RE.sub(lambda m: ungroup(m.group(), ".") or m.group(), text)
+        return text.replace(",", ", ")
     text = _NUMBER_TOKEN_RE.sub(lambda m: canonical_number(m.group()), text)
     if collection:
         return text.replace(";", ",")
@@ -253,24 +267,24 @@ def is_collection(reference: str) -> bool:
 
 
 def clean(text: str) -> str:
-    """Unicode, currency, ``\\text`` wrappers, percent words and prose removed from an answer."""
+    """An answer's box; unicode, currency, delimiters, ``\\text``, percent words, markdown."""
     text = normalise_unicode(text)
     boxes = braced_contents(text, _BOX_RE)
     text = boxes[-1] if boxes else text
     text = _CURRENCY_RE.sub("", unwrap_text(text))
     text = re.sub(r"\\[()\[\]]", " ", text)
     text = _PERCENT_WORD_RE.sub("%", text)
-    return text.strip()
+    return _MARKDOWN_RE.sub("", text).strip().strip("*").strip()
 
 
 def finish(text: str, collection: bool) -> str | None:
     """Prose cut, separators made canonical, plain braces made a set; None: ambiguous/empty."""
     if collection:
-        text = _AND_RE.sub(", ", text)
+        text = _CONJUNCTION_RE.sub(", ", text)
     text, stop = strip_prose(text)
     if stop is not None and stop.lower() in _AMBIGUOUS_WORDS:
         return None
-    text = canonical_numbers(text.strip().rstrip(".,;:").strip(), collection)
+    text = canonical_numbers(text.strip().rstrip(".,;:([ ").strip(), collection)
     if text.startswith("{") and text.endswith("}"):
         text = rf"\{{{text[1:-1]}\}}"
     return text or None
@@ -286,15 +300,10 @@ def variants(text: str) -> list[str]:
 # --- math-verify ------------------------------------------------------------------------
 
 
-def timeout_s() -> int | None:
-    """math-verify's signal-based limit on the main thread; off elsewhere (it would raise)."""
-    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-
-
 def parsed(text: str) -> Iterator[list[Any]]:
     """math-verify parses of each variant of one normalised answer (empty ones skipped)."""
     for variant in variants(text):
-        result = parse(f"${variant}$", _EXTRACTION_CONFIG, parsing_timeout=timeout_s())
+        result = parse(f"${variant}$", _EXTRACTION_CONFIG, parsing_timeout=None)
         if result:
             yield result
 
@@ -302,9 +311,7 @@ def parsed(text: str) -> Iterator[list[Any]]:
 def equivalent(reference: list[list[Any]], candidate: str) -> bool:
     """Whether any parse of ``candidate`` verifies against any parse of the reference."""
     return any(
-        verify(gold, pred, timeout_seconds=timeout_s())
-        for pred in parsed(candidate)
-        for gold in reference
+        verify(gold, pred, timeout_seconds=None) for pred in parsed(candidate) for gold in reference
     )
 
 
@@ -318,11 +325,13 @@ def score(prompt: str, completion: str, answer: str, **fields: Any) -> float:
     del prompt, fields
     ref = reference_text(answer)
     collection = is_collection(ref)
-    ref_final = finish(ref, collection=collection)
-    if ref_final is None:
+    ref_final = finish(ref, collection)
+    reference = list(parsed(ref_final)) if ref_final is not None else []
+    declared = list(dict.fromkeys(declared_answers(completion)))
+    if not reference or not declared or any(len(d) > MAX_ANSWER_CHARS for d in declared):
         return 0.0
-    reference = list(parsed(ref_final))
-    candidates = [finish(clean(c), collection) for c in declared_answers(completion)]
-    if not reference or not candidates or None in candidates:
+    candidates = [finish(clean(d), collection) for d in declared]
+    finished = [c for c in dict.fromkeys(candidates) if c is not None]
+    if len(finished) < len(set(candidates)):  # an ambiguous or empty answer
         return 0.0
-    return 1.0 if all(equivalent(reference, c) for c in candidates) else 0.0
+    return 1.0 if all(equivalent(reference, c) for c in finished) else 0.0

@@ -1,0 +1,1 @@
+"""Built-in ``format`` reward env: structure checks of tagged completions."""

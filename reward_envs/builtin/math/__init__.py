@@ -1,0 +1,1 @@
+"""Built-in ``math`` reward env: final-answer equivalence through math-verify."""
