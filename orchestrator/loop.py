@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,13 @@ def build_batch(
     """Group advantages from the scored completions; keep the groups that teach."""
     samples: list[TrainSample] = []
     rewards, errors, kept, zero_var = [], 0, 0, 0
+    by_kind: Counter[str] = Counter()
     for prompt, request, result, group in zip(prompts, requests, results, scores, strict=True):
         if any(s.score is None for s in group):
-            errors += sum(s.score is None for s in group)  # group unusable: counted, not zeroed
+            for s in group:  # group unusable: every error counted by kind, nothing zeroed
+                if s.score is None:
+                    errors += 1
+                    by_kind[f"reward_errors/{s.env}/{s.error_kind}"] += 1
             continue
         r = torch.tensor([[s.score for s in group]], dtype=torch.float32)
         rewards.extend(r[0].tolist())
@@ -80,7 +85,7 @@ def build_batch(
             if cfg.advantage.drop_zero_variance:
                 continue
         kept += 1
-        for i, c in enumerate(result.completions):
+        for i, (c, s) in enumerate(zip(result.completions, group, strict=True)):
             if c.token_ids:
                 samples.append(
                     TrainSample(
@@ -90,6 +95,9 @@ def build_batch(
                         advantage=float(adv.values[0, i]),
                         engine_logprobs=c.logprobs,
                         policy_version=c.policy_version,
+                        engine_id=c.engine_id,
+                        env=s.env,
+                        env_build=s.build_hash,
                     )
                 )
     stats = {
@@ -97,6 +105,7 @@ def build_batch(
         "groups_kept": float(kept),
         "groups_zero_variance": float(zero_var),
         "reward_errors": float(errors),
+        **{k: float(v) for k, v in by_kind.items()},
     }
     if not samples:
         return None, stats

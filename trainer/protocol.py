@@ -28,6 +28,12 @@ class TrainSample(BaseModel):
     """Logprobs the inference engine reported for each completion token (for TIS)."""
     policy_version: int = Field(0, ge=0)
     """Weight version that generated the completion."""
+    engine_id: str = ""
+    """Inference engine that generated it."""
+    env: str = ""
+    """Reward env that scored it."""
+    env_build: str = ""
+    """Content hash of that env's build."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSample:
