@@ -29,7 +29,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
+from reward_envs.config import Isolation
 from reward_envs.manifest import Manifest, load_manifest
+
+_ISOLATION: TypeAdapter[Isolation] = TypeAdapter(Isolation)
 
 SHIM_FILES = ("protocol.py", "worker.py")
 SHIM_PACKAGE = "caravela_env_worker"
@@ -54,10 +59,15 @@ class BuiltEnv:
     """``python -m`` target of the worker."""
     isolated: bool
     """Run the interpreter with ``-I`` (nothing from Caravela's environment leaks in)."""
+    backend: str = "local"
+    """local (a process here), docker or apptainer (see ``containers.py``)."""
+    container: tuple[tuple[str, str], ...] = ()
+    """Container settings as (key, value) pairs: image, limits, host paths to mount."""
 
-    def command(self, manifest: Manifest) -> list[str]:
+    def command(self, manifest: Manifest, slot: str = "") -> list[str]:
+        """The worker's argv; ``slot`` names the worker's container (docker)."""
         flags = ["-I"] if self.isolated else []
-        return [
+        worker = [
             self.python,
             *flags,
             "-m",
@@ -69,6 +79,11 @@ class BuiltEnv:
             "--api",
             manifest.api,
         ]
+        if self.backend == "local":
+            return worker
+        from reward_envs import containers
+
+        return containers.wrap(self.backend, dict(self.container), slot, worker)
 
 
 def default_store() -> Path:
@@ -213,33 +228,53 @@ def _build_into(
             cmd += ["--no-index", "--find-links", str(wheelhouse)]
         _run(cmd, manifest, f"installing {' '.join(manifest.requirements or reqs)}")
     shutil.copytree(env_dir, tmp / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    site = next((tmp / "venv" / "lib").glob("python3*/site-packages"))
-    shim = site / SHIM_PACKAGE
-    shim.mkdir()
+    install_shim(next((tmp / "venv" / "lib").glob("python3*/site-packages")))
+
+
+def install_shim(target: Path) -> Path:
+    """Write the ``caravela_env_worker`` package (two stdlib files) into ``target``."""
+    shim = Path(target) / SHIM_PACKAGE
+    shim.mkdir(parents=True, exist_ok=True)
     for name in SHIM_FILES:
         shutil.copy2(HERE / name, shim / name)
     (shim / "__init__.py").write_text('"""Caravela env worker shim (stdlib only)."""\n')
     (shim / "__main__.py").write_text(
         "import sys\n\nfrom caravela_env_worker.worker import main\n\nsys.exit(main())\n"
     )
+    return Path(target)
 
 
-def prepare(
-    env_dir: Path,
-    isolation: str,
-    store: Path | None = None,
-    offline: bool = False,
-    wheelhouse: Path | None = None,
-) -> BuiltEnv:
-    """What a pool runs for ``env_dir`` under ``isolation``: found or built now."""
-    if isolation == "process":
+def shim_dir(store: Path | None = None) -> Path:
+    """A directory holding the shim package, for mounting into containers (one per content)."""
+    digest = hashlib.sha256(b"".join((HERE / n).read_bytes() for n in SHIM_FILES)).hexdigest()
+    path = Path(store or default_store()) / f"_shim-{digest[:16]}"
+    if not (path / SHIM_PACKAGE / "__main__.py").exists():
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        install_shim(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def prepare(env_dir: Path, isolation: Isolation | str, store: Path | None = None) -> BuiltEnv:
+    """What a pool runs for ``env_dir`` under ``isolation`` (a config or just its type):
+    found in the store or built now; for containers, the engine and image are checked."""
+    if isinstance(isolation, str):
+        isolation = _ISOLATION.validate_python({"type": isolation})
+    if isolation.type == "process":
         return process_env(env_dir)
-    if isolation == "venv":
-        return build(env_dir, store, offline=offline, wheelhouse=wheelhouse)
-    raise NotImplementedError(
-        f"env at {env_dir}: isolation {isolation!r} (containers) is not built yet; "
-        'use isolation.type = "venv" or "process"'
-    )
+    if isolation.type == "venv":
+        return build(
+            env_dir,
+            isolation.store or store,
+            offline=isolation.offline,
+            wheelhouse=isolation.wheelhouse,
+        )
+    from reward_envs import containers
+
+    return containers.prepare_container(env_dir, isolation, store)
 
 
 def describe(entry: BuiltEnv) -> dict[str, object]:

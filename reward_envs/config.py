@@ -40,9 +40,12 @@ class DockerIsolation(StrictModel):
     type: Literal["docker"] = "docker"
     """Selects this isolation."""
     image: str = Field(min_length=1)
-    """Image holding the env's dependencies."""
+    """Image holding a ``python3`` and the env's dependencies (the env's source and the
+    worker shim are mounted read-only at run time)."""
     mem_limit: str = "1g"
     """Container memory limit (docker syntax)."""
+    pids_limit: int = Field(256, ge=8)
+    """Most processes in one worker's container."""
 
 
 class ApptainerIsolation(StrictModel):
@@ -51,7 +54,11 @@ class ApptainerIsolation(StrictModel):
     type: Literal["apptainer"] = "apptainer"
     """Selects this isolation."""
     image: Path
-    """SIF image or sandbox directory."""
+    """SIF image or sandbox directory holding a ``python3`` and the env's dependencies."""
+    binary: str = "apptainer"
+    """The apptainer (or singularity) executable."""
+    extra_args: list[str] = Field(default_factory=list)
+    """More ``exec`` options, e.g. ``["--bind", "/scratch/data:/data:ro"]``."""
 
 
 Isolation = Annotated[

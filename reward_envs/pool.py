@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -136,17 +137,26 @@ class EnvPool:
         self.stats: Counter[str] = Counter()
         """items, scored, errors, errors/<kind>, restarts."""
         self._seq = 0
+        self._slot_prefix = f"caravela-{manifest.name}-{secrets.token_hex(4)}"
         self._logs: list[IO[bytes]] = []
+        # the call in progress: its items, the results so far, the jobs not yet sent
+        self._items: Sequence[Item] = []
+        self._results: dict[int, RewardResult] = {}
+        self._queue: deque[_Job] = deque()
         self.workers = [self._spawn(i) for i in range(self.size)]
         try:
-            self._run({}, deque(), [])  # wait until every worker said hello
+            self._run()  # wait until every worker said hello
         except BaseException:
             self.close()
             raise
 
     # -- worker lifecycle -------------------------------------------------------------------
+    def _slot(self, index: int) -> str:
+        return f"{self._slot_prefix}-{index}"
+
     def _spawn(self, index: int) -> _Worker:
-        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
+        passed = PASSED_ENV + (("DOCKER_HOST",) if self.built.backend == "docker" else ())
+        env = {k: v for k, v in os.environ.items() if k in passed}
         env.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0")
         stderr: int | IO[bytes] = subprocess.DEVNULL
         if self.log_dir is not None:
@@ -156,12 +166,12 @@ class EnvPool:
             stderr = log
         try:
             proc = subprocess.Popen(
-                self.built.command(self.manifest),
+                self.built.command(self.manifest, self._slot(index)),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 env=env,
-                cwd=self.built.src,
+                cwd=self.built.src if self.built.backend == "local" else None,
                 start_new_session=True,
             )
         except OSError as e:
@@ -171,8 +181,15 @@ class EnvPool:
             ) from e
         return _Worker(index, proc, time.monotonic())
 
-    def _restart(self, w: _Worker) -> _Worker:
+    def _kill(self, w: _Worker) -> None:
         w.kill()
+        if self.built.backend == "docker":  # the relay is dead; now the worker in its container
+            from reward_envs.containers import kill_slot
+
+            kill_slot(self._slot(w.index))
+
+    def _restart(self, w: _Worker) -> _Worker:
+        self._kill(w)
         self.stats["restarts"] += 1
         fresh = self._spawn(w.index)
         fresh.failed_starts = 0 if w.ready else w.failed_starts + 1
@@ -180,9 +197,13 @@ class EnvPool:
         return fresh
 
     def close(self) -> None:
-        """Kill every worker."""
+        """Kill every worker (and remove their containers)."""
         for w in self.workers:
             w.kill()
+        if self.built.backend == "docker":
+            from reward_envs.containers import remove_slots
+
+            remove_slots([self._slot(w.index) for w in self.workers])
         for log in self._logs:
             log.close()
         self._logs = []
@@ -210,8 +231,12 @@ class EnvPool:
             self._job(list(range(s, min(s + chunk, len(items)))))
             for s in range(0, len(items), chunk)
         )
-        results: dict[int, RewardResult] = {}
-        self._run(results, queue, items)
+        self._items, self._results, self._queue = items, {}, queue
+        try:
+            self._run()
+            results = self._results
+        finally:
+            self._items, self._results, self._queue = [], {}, deque()
         self.stats["items"] += len(items)
         assert len(results) == len(items)
         return [results[i] for i in range(len(items))]
@@ -220,13 +245,12 @@ class EnvPool:
         self._seq += 1
         return _Job(self._seq, indices, crashes)
 
-    def _run(
-        self, results: dict[int, RewardResult], queue: deque[_Job], items: Sequence[Item]
-    ) -> None:
+    def _run(self) -> None:
+        queue = self._queue
         while True:
             for w in list(self.workers):
                 if w.ready and w.job is None and queue:
-                    self._assign(w, queue.popleft(), items, results, queue)
+                    self._assign(w, queue.popleft())
             waiting = [w for w in self.workers if not w.ready or w.job is not None]
             if (
                 not queue
@@ -239,50 +263,37 @@ class EnvPool:
             readable, _, _ = select.select([w.fd for w in waiting], [], [], max(0.0, wait))
             for w in waiting:
                 if w.fd in readable:
-                    self._read(w, items, results, queue)
+                    self._read(w)
             now = time.monotonic()
             for w in list(self.workers):
                 if (not w.ready or w.job is not None) and now > self._deadline(w):
-                    self._expired(w, items, results, queue)
+                    self._expired(w)
 
     def _deadline(self, w: _Worker) -> float:
         return w.deadline if w.ready else w.started + self.startup_timeout_s
 
-    def _assign(
-        self,
-        w: _Worker,
-        job: _Job,
-        items: Sequence[Item],
-        results: dict[int, RewardResult],
-        queue: deque[_Job],
-    ) -> None:
+    def _assign(self, w: _Worker, job: _Job) -> None:
         w.job = job
         w.deadline = time.monotonic() + self.timeout_s * len(job.indices)
         assert w.proc.stdin is not None
         try:
-            w.proc.stdin.write(encode(ScoreRequest(job.seq, [items[i] for i in job.indices])))
+            w.proc.stdin.write(encode(ScoreRequest(job.seq, [self._items[i] for i in job.indices])))
             w.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            self._lost(w, "crash", "worker pipe closed", items, results, queue)
+            self._lost(w, "crash", "worker pipe closed")
 
-    def _read(
-        self,
-        w: _Worker,
-        items: Sequence[Item],
-        results: dict[int, RewardResult],
-        queue: deque[_Job],
-    ) -> None:
+    def _read(self, w: _Worker) -> None:
         lines = w.lines()
         if lines is None:
             if not w.ready and w.failed_starts >= MAX_FAILED_STARTS - 1:
                 self._failed_start(w, f"exited with code {w.proc.wait()} before saying hello")
-            self._lost(w, "crash", f"worker exited (code {w.proc.wait()})", items, results, queue)
+            self._lost(w, "crash", f"worker exited (code {w.proc.wait()})")
             return
         for line in lines:
             try:
                 msg = decode(line)
             except ProtocolError as e:
-                self._lost(w, "protocol", f"protocol error: {e}", items, results, queue)
+                self._lost(w, "protocol", f"protocol error: {e}")
                 return
             if isinstance(msg, Hello):
                 if msg.error or msg.protocol != PROTOCOL_VERSION:
@@ -290,54 +301,40 @@ class EnvPool:
                 w.ready = True
             elif isinstance(msg, ScoreReply) and w.job is not None and msg.seq == w.job.seq:
                 if len(msg.results) != len(w.job.indices):
-                    self._lost(w, "protocol", "reply has the wrong length", items, results, queue)
+                    self._lost(w, "protocol", "reply has the wrong length")
                     return
                 for i, r in zip(w.job.indices, msg.results, strict=True):
-                    results[i] = self._result(r, w)
+                    self._results[i] = self._result(r, w)
                 w.job = None
             else:
-                self._lost(w, "protocol", f"unexpected {type(msg).__name__}", items, results, queue)
+                self._lost(w, "protocol", f"unexpected {type(msg).__name__}")
                 return
 
-    def _expired(
-        self,
-        w: _Worker,
-        items: Sequence[Item],
-        results: dict[int, RewardResult],
-        queue: deque[_Job],
-    ) -> None:
+    def _expired(self, w: _Worker) -> None:
         if not w.ready:
             self._failed_start(w, f"did not start within {self.startup_timeout_s:.0f} s")
-        self._lost(w, "timeout", f"timed out after {self.timeout_s:g} s", items, results, queue)
+        self._lost(w, "timeout", f"timed out after {self.timeout_s:g} s")
 
     def _failed_start(self, w: _Worker, why: str) -> None:
-        w.kill()
+        self._kill(w)
         raise EnvStartError(
             f"env {self.manifest.name!r}: worker {w.index} {why}; see its log in "
             f"{self.log_dir or '(no log dir)'} and check `caravela env test` on the env"
         )
 
-    def _lost(
-        self,
-        w: _Worker,
-        kind: ErrorKind,
-        why: str,
-        items: Sequence[Item],
-        results: dict[int, RewardResult],
-        queue: deque[_Job],
-    ) -> None:
+    def _lost(self, w: _Worker, kind: ErrorKind, why: str) -> None:
         """The worker is gone or unusable: restart it and settle its job."""
         job, name = w.job, w.name
         self._restart(w)
         if job is None:
             return
         if len(job.indices) > 1 and kind in ("timeout", "crash"):
-            queue.extendleft(self._job([i]) for i in reversed(job.indices))  # one by one
+            self._queue.extendleft(self._job([i]) for i in reversed(job.indices))  # one by one
         elif kind == "crash" and job.crashes == 0:
-            queue.appendleft(self._job(job.indices, crashes=1))
+            self._queue.appendleft(self._job(job.indices, crashes=1))
         else:
             for i in job.indices:
-                results[i] = self._result(ItemResult(None, why, kind), None, name)
+                self._results[i] = self._result(ItemResult(None, why, kind), None, name)
 
     def _result(self, r: ItemResult, w: _Worker | None, name: str = "") -> RewardResult:
         if r.error is not None:

@@ -25,12 +25,7 @@ TRAINER_RESOURCE = "trainer_node"
 
 def prepare_spec(spec: EnvSpec) -> tuple[Manifest, BuiltEnv]:
     """The env's manifest and its build (found in the store or built now)."""
-    iso = spec.isolation
-    if iso.type == "venv":
-        built = prepare(spec.path, "venv", iso.store, iso.offline, iso.wheelhouse)
-    else:
-        built = prepare(spec.path, iso.type)
-    return load_manifest(spec.path), built
+    return load_manifest(spec.path), prepare(spec.path, spec.isolation)
 
 
 class LocalScorer:

@@ -27,33 +27,18 @@ import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-if __package__ in (None, ""):  # run as a script: make the sibling import work
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from protocol import (
-        PROTOCOL_VERSION,
-        Hello,
-        Item,
-        ItemResult,
-        ProtocolError,
-        ScoreReply,
-        ScoreRequest,
-        check_value,
-        decode,
-        encode,
-    )
-else:
-    from .protocol import (
-        PROTOCOL_VERSION,
-        Hello,
-        Item,
-        ItemResult,
-        ProtocolError,
-        ScoreReply,
-        ScoreRequest,
-        check_value,
-        decode,
-        encode,
-    )
+from .protocol import (
+    PROTOCOL_VERSION,
+    Hello,
+    Item,
+    ItemResult,
+    ProtocolError,
+    ScoreReply,
+    ScoreRequest,
+    check_value,
+    decode,
+    encode,
+)
 
 
 def _error(e: BaseException) -> ItemResult:

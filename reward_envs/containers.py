@@ -1,0 +1,242 @@
+"""Container isolation backends: ``docker`` (any Docker-API engine) and ``apptainer``.
+
+**docker** (Docker, or podman's Docker-compatible service): one long-lived
+container per worker slot, started once (PID 1 sleeps; network off; memory and
+pids limits; the env's source at ``/env`` and the worker shim at
+``/opt/caravela``, both read-only) and reused when its worker is restarted. The
+pool's worker process is a relay in Caravela's own Python
+(``python -m reward_envs.containers exec ...``) that starts the worker shim
+inside the slot's container through the SDK's exec API and pipes its
+stdin/stdout, splitting the engine's multiplexed stream. When the pool kills a
+worker (timeout, crash) ``kill_slot`` SIGKILLs every process in the container
+but PID 1, so a hung scorer dies and the container stays for the next worker.
+``remove_slots`` deletes the containers when the pool closes.
+
+**apptainer** (what HPC sites run): the worker runs under ``apptainer exec
+--containall --no-home --net --network none`` with the same two read-only
+binds; it is a plain child process, so the pool's process-group kill applies
+as for venvs. The binary is not installable on every machine (not here): its
+command is rendered and checked, and a real run happens where it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from reward_envs.builder import SHIM_PACKAGE, BuiltEnv, content_hash, shim_dir
+from reward_envs.config import ApptainerIsolation, DockerIsolation
+from reward_envs.manifest import load_manifest
+
+ENV_MOUNT = "/env"
+SHIM_MOUNT = "/opt/caravela"
+
+
+class ContainerEngineError(RuntimeError):
+    """No container engine or image to run an env with; the message says what to do."""
+
+
+def client() -> Any:
+    """A Docker SDK client that answers, or an error naming ``DOCKER_HOST``."""
+    import docker
+    from docker.errors import DockerException
+
+    host = os.environ.get("DOCKER_HOST", "(unset, so unix:///var/run/docker.sock)")
+    try:
+        c = docker.from_env()
+        c.ping()
+    except DockerException as e:
+        raise ContainerEngineError(
+            f"no Docker-API engine answers at DOCKER_HOST={host} ({e}). Start one (Docker, "
+            "or as root `podman system service --time=0 unix:///run/podman/podman.sock` and "
+            "export DOCKER_HOST=unix:///run/podman/podman.sock), or use isolation venv"
+        ) from None
+    return c
+
+
+def prepare_container(
+    env_dir: Path, iso: DockerIsolation | ApptainerIsolation, store: Path | None
+) -> BuiltEnv:
+    """Check the engine and image now (a clear error before any worker starts)."""
+    manifest = load_manifest(env_dir)
+    settings: dict[str, str] = {
+        "env_src": str(Path(env_dir).resolve()),
+        "shim": str(shim_dir(store)),
+        "image": str(iso.image),
+    }
+    if iso.type == "docker":
+        from docker.errors import ImageNotFound
+
+        try:
+            image_id = client().images.get(iso.image).id
+        except ImageNotFound:
+            raise ContainerEngineError(
+                f"env {manifest.name!r}: image {iso.image!r} is not in the engine at "
+                f"DOCKER_HOST={os.environ.get('DOCKER_HOST', '(unset)')}; load it there "
+                "(`docker load`, or `podman import rootfs.tar NAME` with no registry)"
+            ) from None
+        settings.update(mem_limit=iso.mem_limit, pids_limit=str(iso.pids_limit))
+        build_hash = f"{content_hash(env_dir)}-{image_id.removeprefix('sha256:')[:12]}"
+    else:
+        if shutil.which(iso.binary) is None:
+            raise ContainerEngineError(
+                f"env {manifest.name!r}: {iso.binary!r} is not on PATH; load the site's "
+                "apptainer module, or use isolation venv"
+            )
+        if not Path(iso.image).exists():
+            raise ContainerEngineError(f"env {manifest.name!r}: image {iso.image} not found")
+        settings.update(binary=iso.binary, extra_args=json.dumps(iso.extra_args))
+        build_hash = content_hash(env_dir)
+    return BuiltEnv(
+        name=manifest.name,
+        build_hash=build_hash,
+        python="python3",
+        src=ENV_MOUNT,
+        worker_module=SHIM_PACKAGE,
+        isolated=False,
+        backend=iso.type,
+        container=tuple(sorted(settings.items())),
+    )
+
+
+def wrap(backend: str, settings: dict[str, str], slot: str, worker: list[str]) -> list[str]:
+    """The pool's argv for a worker running ``worker`` inside a container."""
+    if backend == "docker":
+        return [
+            sys.executable,
+            "-m",
+            "reward_envs.containers",
+            "--slot",
+            slot,
+            "--settings",
+            json.dumps(settings),
+            "--",
+            *worker,
+        ]
+    return apptainer_command(settings, worker)
+
+
+def apptainer_command(settings: dict[str, str], worker: list[str]) -> list[str]:
+    return [
+        settings["binary"],
+        "exec",
+        "--containall",
+        "--no-home",
+        "--net",
+        "--network",
+        "none",
+        "--bind",
+        f"{settings['env_src']}:{ENV_MOUNT}:ro",
+        "--bind",
+        f"{settings['shim']}:{SHIM_MOUNT}:ro",
+        "--env",
+        f"PYTHONPATH={SHIM_MOUNT}",
+        "--pwd",
+        ENV_MOUNT,
+        *json.loads(settings.get("extra_args", "[]")),
+        settings["image"],
+        *worker,
+    ]
+
+
+def _container(c: Any, slot: str, settings: dict[str, str]) -> Any:
+    from docker.errors import NotFound
+
+    try:
+        ctr = c.containers.get(slot)
+        if ctr.status != "running":
+            ctr.start()
+        return ctr
+    except NotFound:
+        return c.containers.run(
+            settings["image"],
+            ["python3", "-c", "import time\nwhile True: time.sleep(3600)"],
+            name=slot,
+            detach=True,
+            network_mode="none",
+            mem_limit=settings["mem_limit"],
+            pids_limit=int(settings["pids_limit"]),
+            volumes={
+                settings["env_src"]: {"bind": ENV_MOUNT, "mode": "ro"},
+                settings["shim"]: {"bind": SHIM_MOUNT, "mode": "ro"},
+            },
+            labels={"caravela.slot": slot},
+        )
+
+
+def relay(slot: str, settings: dict[str, str], argv: list[str]) -> int:
+    """Run ``argv`` in the slot's container; pipe our stdin in, its stdout/stderr out."""
+    c = client()
+    ctr = _container(c, slot, settings)
+    exec_id = c.api.exec_create(
+        ctr.id,
+        argv,
+        stdin=True,
+        stdout=True,
+        stderr=True,
+        environment={"PYTHONPATH": SHIM_MOUNT},
+        workdir=ENV_MOUNT,
+    )
+    sock = c.api.exec_start(exec_id, socket=True)._sock
+
+    def pump() -> None:
+        while data := os.read(0, 1 << 16):
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=pump, daemon=True).start()
+    buf = b""
+    while chunk := sock.recv(1 << 16):
+        buf += chunk
+        while len(buf) >= 8:  # frames: stream id (1 out, 2 err), 3 zero bytes, u32 size
+            size = int.from_bytes(buf[4:8], "big")
+            if len(buf) < 8 + size:
+                break
+            os.write(1 if buf[0] == 1 else 2, buf[8 : 8 + size])
+            buf = buf[8 + size :]
+    return 0
+
+
+def kill_slot(slot: str) -> None:
+    """SIGKILL every process in the slot's container except PID 1 (the container stays)."""
+    from docker.errors import NotFound
+
+    try:
+        client().containers.get(slot).exec_run(
+            ["python3", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"]
+        )
+    except NotFound:
+        pass
+
+
+def remove_slots(slots: list[str]) -> None:
+    """Delete the slots' containers."""
+    from docker.errors import NotFound
+
+    c = client()
+    for slot in slots:
+        try:
+            c.containers.get(slot).remove(force=True)
+        except NotFound:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reward_envs.containers")
+    p.add_argument("--slot", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("worker", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    return relay(args.slot, json.loads(args.settings), worker)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
