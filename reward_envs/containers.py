@@ -228,6 +228,72 @@ def remove_slots(slots: list[str]) -> None:
             pass
 
 
+PODMAN_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+
+[engine]
+runtime = "runc"
+"""
+"""podman as root on these machines: runc (crun fails on hybrid cgroups) and ulimits the
+host's hard limits allow (DESIGN.md)."""
+
+
+def start_podman_service(workdir: Path, timeout_s: float = 30.0) -> tuple[Any, str]:
+    """``podman system service`` on a socket in ``workdir`` (for machines without Docker,
+    like CI); returns the process and the ``DOCKER_HOST`` value to use."""
+    import subprocess
+    import time
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "containers.conf").write_text(PODMAN_CONF)
+    sock = workdir / "podman.sock"
+    log = open(workdir / "podman-service.log", "wb")  # noqa: SIM115 - lives with the service
+    proc = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+        env={**os.environ, "CONTAINERS_CONF": str(workdir / "containers.conf")},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    deadline = time.monotonic() + timeout_s
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise ContainerEngineError(
+                f"podman service did not start: {(workdir / 'podman-service.log').read_text()}"
+            )
+        time.sleep(0.1)
+    return proc, f"unix://{sock}"
+
+
+def import_python_image(image: str, workdir: Path) -> None:
+    """An image holding this machine's python3.11, its stdlib and the libraries it links,
+    imported from a rootfs tar (no registry needed). No-op when the image exists."""
+    import subprocess
+
+    if client().images.list(name=image):
+        return
+    root = workdir / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "tmp").mkdir()
+    shutil.copy2("/usr/bin/python3.11", root / "usr/bin/python3.11")
+    os.symlink("python3.11", root / "usr/bin/python3")
+    libs = subprocess.run(["ldd", "/usr/bin/python3.11"], capture_output=True, text=True).stdout
+    for lib in (w for w in libs.split() if w.startswith("/")):
+        dest = root / lib.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lib, dest, follow_symlinks=True)
+    shutil.copytree(
+        "/usr/lib/python3.11",
+        root / "usr/lib/python3.11",
+        ignore=shutil.ignore_patterns("test", "__pycache__", "idlelib", "tkinter", "ensurepip"),
+    )
+    tar = workdir / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    subprocess.run(["podman", "import", str(tar), image], check=True, capture_output=True)
+    shutil.rmtree(root)
+    tar.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reward_envs.containers")
     p.add_argument("--slot", required=True)

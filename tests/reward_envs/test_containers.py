@@ -5,8 +5,6 @@ command is rendered and checked; a real run needs the binary, which this machine
 
 import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,35 +12,18 @@ import pytest
 from orchestrator.paths import ARITH_ENV
 from reward_envs.builder import prepare
 from reward_envs.config import ApptainerIsolation, DockerIsolation
-from reward_envs.containers import ContainerEngineError, apptainer_command
+from reward_envs.containers import (
+    ContainerEngineError,
+    apptainer_command,
+    import_python_image,
+    start_podman_service,
+)
 from reward_envs.manifest import load_manifest
 from reward_envs.pool import EnvPool
 from reward_envs.protocol import Item
 
 CHAOS = Path(__file__).parent / "envs" / "chaos"
 IMAGE = "caravela-test-python:3.11"
-CONF = '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n\n'
-CONF += '[engine]\nruntime = "runc"\n'
-
-
-def python_rootfs(tar: Path) -> None:
-    """A rootfs with this machine's python3.11, its stdlib and the libraries it links."""
-    root = tar.parent / "rootfs"
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "tmp").mkdir()
-    shutil.copy2("/usr/bin/python3.11", root / "usr/bin/python3.11")
-    os.symlink("python3.11", root / "usr/bin/python3")
-    libs = subprocess.run(["ldd", "/usr/bin/python3.11"], capture_output=True, text=True).stdout
-    for lib in (w for w in libs.split() if w.startswith("/")):
-        dest = root / lib.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(lib, dest, follow_symlinks=True)
-    shutil.copytree(
-        "/usr/lib/python3.11",
-        root / "usr/lib/python3.11",
-        ignore=shutil.ignore_patterns("test", "__pycache__", "idlelib", "tkinter", "ensurepip"),
-    )
-    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +31,10 @@ def podman(tmp_path_factory):
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed (.ci/run installs it with apt; see DESIGN.md)")
     tmp = tmp_path_factory.mktemp("podman")
-    (tmp / "containers.conf").write_text(CONF)
-    env = {**os.environ, "CONTAINERS_CONF": str(tmp / "containers.conf")}
-    sock = tmp / "podman.sock"
-    service = subprocess.Popen(
-        ["podman", "system", "service", "--time=0", f"unix://{sock}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "service.log", "wb"),  # noqa: SIM115
-    )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, (tmp / "service.log").read_text()
-        time.sleep(0.1)
-    have = subprocess.run(["podman", "image", "exists", IMAGE], env=env).returncode == 0
-    if not have:
-        python_rootfs(tmp / "rootfs.tar")
-        subprocess.run(["podman", "import", str(tmp / "rootfs.tar"), IMAGE], env=env, check=True)
+    service, host = start_podman_service(tmp)
     old = os.environ.get("DOCKER_HOST")
-    os.environ["DOCKER_HOST"] = f"unix://{sock}"
+    os.environ["DOCKER_HOST"] = host
+    import_python_image(IMAGE, tmp)
     yield tmp
     if old is None:
         os.environ.pop("DOCKER_HOST")
