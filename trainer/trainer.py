@@ -11,6 +11,13 @@ group wraps it later). One ``train_step``:
 
 With one update per batch the "old" policy is the current one, so the ratio is
 exactly 1 and ``old_logprobs`` are the detached current logprobs.
+
+Data parallel (``torch.distributed`` initialised, e.g. by the Ray trainer group):
+every rank receives the whole batch, takes its share of the samples (balanced by
+tokens, ``shard``), normalises its loss by the *whole* batch's counts and, after
+its backward passes, all-reduces (sums) the gradients. The update is therefore
+the single-process update on the whole batch, whatever the number of ranks
+(tested); metrics are summed across ranks the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import TrainerConfig
@@ -27,6 +35,18 @@ from trainer.logprobs import micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
 from trainer.protocol import TrainBatch
+
+
+def shard(lengths: list[int], rank: int, world: int) -> list[int]:
+    """Indices of the samples ``rank`` trains on: longest first to the least-loaded rank."""
+    load = [0] * world
+    mine = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += lengths[i]
+        if r == rank:
+            mine.append(i)
+    return sorted(mine)
 
 
 class Trainer:
@@ -57,20 +77,31 @@ class Trainer:
             tis_cap=cfg.loss.tis_cap,
         )
         self.version = 0
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
 
-    def layout(self, batch: TrainBatch) -> list[MicroBatch]:
-        seqs = [(s.prompt_ids, s.completion_ids) for s in batch.samples]
+    def layout(self, batch: TrainBatch, indices: list[int] | None = None) -> list[MicroBatch]:
+        """Micro-batches of the samples at ``indices`` (all by default); sample ids index
+        ``batch.samples``."""
+        indices = list(range(len(batch.samples))) if indices is None else indices
+        seqs = [(batch.samples[i].prompt_ids, batch.samples[i].completion_ids) for i in indices]
         if self.cfg.layout == "packed":
-            return build_packed(
+            micro = build_packed(
                 seqs, self.cfg.max_tokens_per_micro_batch, self.cfg.pack_row_tokens, self.pad_id
             )
-        return build_padded(seqs, self.cfg.max_tokens_per_micro_batch, self.pad_id)
+        else:
+            micro = build_padded(seqs, self.cfg.max_tokens_per_micro_batch, self.pad_id)
+        for mb in micro:
+            mb.sample_ids = [indices[i] for i in mb.sample_ids]
+        return micro
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer update on ``batch``; returns metrics (token-weighted means)."""
         t0 = time.perf_counter()
         samples = batch.samples
-        micro = self.layout(batch)
+        mine = shard([len(s.completion_ids) for s in samples], self.rank, self.world)
+        micro = self.layout(batch, mine)
         num_tokens = sum(len(s.completion_ids) for s in samples)
         sums: dict[str, float] = {}
         total_loss = 0.0
@@ -87,6 +118,12 @@ class Trainer:
                     sums[k] = max(sums.get(k, v), v)
                 else:
                     sums[k] = sums.get(k, 0.0) + v * n
+        tokens = float(sum(mb.real_tokens for mb in micro))
+        if self.world > 1:
+            total_loss, sums = self._all_reduce(total_loss, sums)
+            counted = torch.tensor([tokens])
+            dist.all_reduce(counted, op=dist.ReduceOp.SUM)
+            tokens = counted.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -98,12 +135,32 @@ class Trainer:
             grad_norm=float(grad_norm),
             lr=float(self.scheduler.get_last_lr()[0]),
             micro_batches=float(len(micro)),
-            padding_frac=padding_fraction(micro),
-            tokens=float(sum(mb.real_tokens for mb in micro)),
+            padding_frac=padding_fraction(micro) if micro else 0.0,
+            tokens=tokens,
             seconds=seconds,
         )
         out["tokens_per_s"] = out["tokens"] / seconds
         return out
+
+    def _all_reduce(
+        self, total_loss: float, sums: dict[str, float]
+    ) -> tuple[float, dict[str, float]]:
+        """Sum gradients (and metric sums; max for ``*max``) over the ranks."""
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # a rank whose share never touched this parameter
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        everyone: list[list[str]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(everyone, sorted(sums))  # a rank may have had no samples
+        keys = sorted({k for ks in everyone for k in ks})
+        sums = {k: sums.get(k, float("-inf") if k.endswith("max") else 0.0) for k in keys}
+        added = torch.tensor([total_loss] + [sums[k] for k in keys if not k.endswith("max")])
+        maxed = torch.tensor([sums[k] for k in keys if k.endswith("max")] or [0.0])
+        dist.all_reduce(added, op=dist.ReduceOp.SUM)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+        a, m = iter(added.tolist()[1:]), iter(maxed.tolist())
+        return added[0].item(), {k: next(m) if k.endswith("max") else next(a) for k in keys}
 
     def _loss_inputs(
         self,
