@@ -4,6 +4,7 @@
     caravela env list  [--store DIR]
     caravela env test  ENV [--isolation process|venv]
     caravela env score ENV --input items.jsonl [--workers K] [--timeout S]
+    caravela env serve [--state-dir DIR] [--host 127.0.0.1] [--port 8100]
 
 ENV is a built-in env's name (``arith``, ``math``, ``gsm8k``, ``format``) or a
 directory holding ``caravela-env.toml``. ``build`` with no ENV builds every
@@ -60,6 +61,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     s.add_argument("--store", type=Path)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--timeout", type=float, help="per-item seconds (default: the manifest's)")
+    api = sub.add_parser("serve", help="the env registration REST API (bearer-token auth)")
+    api.add_argument("--state-dir", type=Path, default=Path("env-api"), help="registry + token")
+    api.add_argument("--store", type=Path, help="env store (default $CARAVELA_ENV_STORE)")
+    api.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    api.add_argument("--port", type=int, default=8100)
     return parser
 
 
@@ -153,11 +159,18 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from reward_envs.api.server import serve
+
+    serve(args.host, args.port, args.state_dir, store=args.store)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from reward_envs.builder import EnvBuildError
     from reward_envs.pool import EnvStartError
 
-    commands = {"build": _build, "list": _list, "test": _test, "score": _score}
+    commands = {"build": _build, "list": _list, "test": _test, "score": _score, "serve": _serve}
     try:
         return commands[args.env_command](args)
     except (ValueError, EnvBuildError, EnvStartError, NotImplementedError) as e:

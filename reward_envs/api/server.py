@@ -1,0 +1,41 @@
+"""Runs the env API with uvicorn: ``python -m reward_envs.api.server --state-dir DIR``.
+
+Binds 127.0.0.1 unless told otherwise; every route but ``/health`` needs the bearer token
+the server writes to ``<state_dir>/api-token`` (mode 0600) at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def serve(
+    host: str = "127.0.0.1", port: int = 8000, state_dir: Path = Path("env-api"), **settings: object
+) -> None:
+    """Serve until interrupted; ``settings`` are further ``ApiSettings`` fields (``store``)."""
+    import uvicorn
+
+    from .main import create_app
+    from .settings import ApiSettings
+
+    config = ApiSettings.model_validate({"state_dir": Path(state_dir), **settings})
+    app = create_app(config)
+    print(f"env API on http://{host}:{port}; bearer token in {config.token_file}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="caravela-env-api", description=__doc__)
+    p.add_argument("--state-dir", type=Path, required=True, help="registry, token, inline envs")
+    p.add_argument("--store", type=Path, help="env build store (default $CARAVELA_ENV_STORE)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    serve(args.host, args.port, args.state_dir, store=args.store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
