@@ -6,7 +6,7 @@
     caravela env score ENV --input items.jsonl [--workers K] [--timeout S]
     caravela env serve [--state-dir DIR] [--host 127.0.0.1] [--port 8100]
 
-ENV is a built-in env's name (``arith``, ``math``, ``gsm8k``, ``format``) or a
+ENV is a built-in env's name (``arith``, ``math``, ``gsm8k``, ``format``, ``code``) or a
 directory holding ``caravela-env.toml``. ``build`` with no ENV builds every
 built-in. ``score`` prints one JSON object per input line: ``{"id", "score",
 "error"}``; an input item is ``{"id", "prompt", "completion", "answer", ...}``.

@@ -1,0 +1,561 @@
+"""Run untrusted Python in a bubblewrap sandbox with hard limits; stdlib only.
+
+One call of ``run`` is one fresh sandbox: ``bwrap`` (Debian's ``bubblewrap``) started as
+an unprivileged user, with its own user, pid, network, ipc, uts and cgroup namespaces, no
+further user namespaces (``--disable-userns``), a new session (no terminal to inject
+into), and ``--die-with-parent`` (the sandbox goes when the env worker goes). What
+enforces what:
+
+* **who**: as root, the env drops to uid/gid 65534 (nobody) with no supplementary groups
+  before exec'ing bwrap, so bwrap runs unprivileged and maps that uid into its user
+  namespace: inside, files owned by root are "other" (``/etc/shadow``, 0640, stays
+  unreadable even where it is visible) and there are no capabilities in the host's
+  namespace. Not root: bwrap runs as the caller, the same way.
+* **files**: a read-only root of ``/usr`` (with the ``/bin``, ``/lib*`` symlinks or
+  binds), ``/etc/ld.so.cache`` only from ``/etc``, the interpreter's prefix if outside
+  ``/usr``, a fresh ``/proc``, bwrap's minimal ``/dev`` remounted read-only, and two
+  private tmpfs of ``file_bytes`` each: ``/tmp`` (cwd; the solution is copied there) and
+  ``/dev/shm``; then ``/`` remounted read-only. No ``/home``, ``/root``, ``/work``, env
+  store, sockets or secrets: chosen over a read-only bind of ``/``, which would show the
+  solution every world-readable file of the host.
+* **network**: ``--unshare-net``: a loopback of its own where nothing listens.
+* **processes**: ``RLIMIT_NPROC`` set inside the sandbox. Since Linux 5.14 it counts the
+  processes of a uid *in the user namespace*, so each sandbox has its own budget (a fork
+  bomb in one cannot starve another) and, the uid not being root, it is enforced.
+* **CPU, memory, file size, open files**: ``RLIMIT_CPU`` (SIGXCPU, SIGKILL one second
+  later), ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core files; set by
+  ``runner.py`` in the sandbox before any solution code runs, soft and hard. These are
+  per process; where we are root with a memory cgroup controller (``cgroup.py``), the
+  sandbox's init joins a memory cgroup of its own before the command starts (bwrap's
+  ``--block-fd``), capping all its processes and tmpfs together
+  (``Limits.group_memory_bytes``). Elsewhere a run's memory is bounded by
+  ``processes`` x ``memory_mb`` only.
+* **wall time and output**: enforced here. The wall limit counts from the runner's
+  report (a slow start on a loaded machine does not eat the solution's time; the start
+  itself may take ``SETUP_TIMEOUT_S``). Past it, or past ``output_bytes`` on stdout or
+  stderr, the sandbox's init (pid 1 of its namespace) and bwrap's process group (its own
+  session) are SIGKILLed; the kernel kills everything else in the pid namespace.
+* **nothing outlives a run**: this process is the subreaper of its descendants and reaps
+  the sandbox's init, which the kernel lets exit only after every process of the pid
+  namespace did; so ``run`` returns with the sandbox gone, and no zombie is left behind
+  for a host init that may not reap (some containers).
+
+Sandbox failures (bwrap missing, setup errors, no Python the sandbox user can run) raise
+``SandboxError``: the runner proves the sandbox came up by writing to a pipe before the
+solution runs, so no solution can fake one, and none can make one look like a pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__:
+    from . import cgroup
+else:  # loaded by the env worker as a top-level module
+    import cgroup  # type: ignore[no-redef]
+
+NOBODY = 65534
+"""uid and gid the sandbox runs as when the env runs as root."""
+SOLUTION = "/tmp/solution.py"
+STATEMENTS = "/tmp/statements"
+SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+"""Tried after the env's own interpreter, which the sandbox user may be unable to reach
+(e.g. a pyenv Python under ``/root``, mode 0700)."""
+RUNNER_SOURCE = Path(__file__).with_name("runner.py").read_text()
+READ_CHUNK = 1 << 16
+KILL_GRACE_S = 5.0
+PR_SET_CHILD_SUBREAPER = 36
+SETUP_TIMEOUT_S = 5.0
+GROUP_SLACK = 64 << 20
+"""Most seconds bwrap and the runner may take to start, before the wall limit runs."""
+SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the solution): an env error, never a score."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandboxed run."""
+
+    cpu_s: float = 2.0
+    """CPU seconds per process; ``RLIMIT_CPU`` counts whole seconds, so rounded up."""
+    wall_s: float = 5.0
+    memory_mb: int = 256
+    processes: int = 64
+    output_bytes: int = 1 << 20
+    file_bytes: int = 16 << 20
+    """Largest file, and the size of ``/tmp``."""
+    open_files: int = 64
+
+    @property
+    def group_memory_bytes(self) -> int:
+        """The memory cgroup's limit: ``memory_mb`` for all processes together, plus the
+        two tmpfs and room for bwrap's init and the interpreter."""
+        return (self.memory_mb << 20) + 2 * self.file_bytes + GROUP_SLACK
+
+    @property
+    def cpu_rlimit(self) -> int:
+        return max(1, math.ceil(self.cpu_s))
+
+    def runner_args(self) -> list[str]:
+        """The limits as ``runner.py`` takes them: CPU s, bytes of memory, processes,
+        bytes per file, open files."""
+        values = [self.cpu_rlimit, self.memory_mb << 20, self.processes, self.file_bytes]
+        return [str(v) for v in (*values, self.open_files)]
+
+
+@dataclass
+class RunResult:
+    """What one sandboxed run did."""
+
+    returncode: int
+    """bwrap's exit code: the solution's, or 128 + N when signal N killed it (SIGKILL too
+    when the env killed the sandbox: see ``timed_out``, ``output_exceeded``)."""
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    output_exceeded: bool = False
+    seconds: float = 0.0
+    memory_peak_bytes: int | None = None
+    """Most memory the run held at once, where a memory cgroup measured it."""
+    outcomes: dict[str, str] = field(default_factory=dict)
+    """Asserts mode: statement index (or ``setup``) -> ``ok`` | ``fail <reason>``."""
+
+    def problem(self, limits: Limits) -> str | None:
+        """Why the run failed on its own terms (killed, crashed), or None if it exited 0."""
+        if self.timed_out:
+            return f"timed out (wall limit {limits.wall_s:g} s)"
+        if self.output_exceeded:
+            return f"output limit exceeded ({limits.output_bytes} bytes)"
+        if self.returncode == 0:
+            return None
+        signals = {
+            signal.SIGXCPU: f"CPU time limit exceeded ({limits.cpu_rlimit} s)",
+            signal.SIGXFSZ: "file size limit exceeded",
+            signal.SIGKILL: "killed (SIGKILL)",
+            signal.SIGSEGV: "segmentation fault",
+        }
+        if self.returncode > 128:
+            try:
+                sig = signal.Signals(self.returncode - 128)
+            except ValueError:
+                return f"exit code {self.returncode}"
+            return signals.get(sig, f"killed by {sig.name}")
+        return f"exit code {self.returncode}: {last_line(self.stderr)}"
+
+
+def last_line(data: bytes, limit: int = 160) -> str:
+    """The last non-empty line of ``data``, shortened: usually the exception."""
+    lines = [x for x in data.decode("utf-8", "replace").splitlines() if x.strip()]
+    return lines[-1].strip()[:limit] if lines else ""
+
+
+# -- the sandbox -------------------------------------------------------------------------------
+def bwrap() -> str:
+    """Path of the bwrap binary; SandboxError if it is not installed."""
+    found = shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
+    if found is None:
+        raise SandboxError("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+    return found
+
+
+def sandbox_user() -> int | None:
+    """The uid (and gid) bwrap runs as: nobody when we are root, else None (our own)."""
+    return NOBODY if os.geteuid() == 0 else None
+
+
+def root_fs(prefix: Path) -> list[str]:
+    """bwrap arguments for the read-only file system the solution sees (``/tmp`` aside)."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        path = Path(top)
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), top]
+        elif path.is_dir():
+            args += ["--ro-bind", top, top]
+    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    if not prefix.resolve().is_relative_to("/usr"):
+        args += ["--ro-bind", str(prefix), str(prefix)]
+    return args
+
+
+def sandbox_argv(
+    python: str,
+    prefix: Path,
+    limits: Limits,
+    files: dict[str, int],
+    info_fd: int,
+    block_fd: int | None = None,
+) -> list[str]:
+    """The bwrap command line, up to the interpreter's flags; ``files`` maps sandbox paths
+    to fds to copy from; bwrap writes the sandbox's init pid to ``info_fd``, and waits for
+    a byte on ``block_fd`` (if given) before it runs the command."""
+    args = [
+        bwrap(),
+        *("--info-fd", str(info_fd)),
+        *(("--block-fd", str(block_fd)) if block_fd is not None else ()),
+        *("--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc"),
+        *("--unshare-uts", "--unshare-cgroup-try", "--disable-userns"),
+        *("--die-with-parent", "--new-session", "--clearenv"),
+    ]
+    for key, value in SANDBOX_ENV.items():
+        args += ["--setenv", key, value]
+    args += root_fs(prefix)
+    size = str(limits.file_bytes)
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm"]
+    args += ["--remount-ro", "/dev", "--size", size, "--tmpfs", "/tmp"]
+    for dest, fd in files.items():
+        args += ["--file", str(fd), dest]
+    args += ["--remount-ro", "/", "--chdir", "/tmp", "--", python, "-I", "-S", "-B"]
+    return args
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous file holding ``data``, positioned at its start."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_info(info_fd: int, deadline: float) -> int | None:
+    """Host pid of the sandbox's init (pid 1 of its namespace), from bwrap's ``--info-fd``;
+    None if bwrap exits or the deadline passes first (then it failed: the caller finds
+    out why)."""
+    data = b""
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([info_fd], [], [], deadline - time.monotonic())
+        chunk = os.read(info_fd, 4096) if readable else b""
+        if not chunk:
+            break
+        data += chunk
+        try:
+            info = json.loads(data)
+        except ValueError:  # not all of it yet
+            continue
+        pid = info.get("child-pid") if isinstance(info, dict) else None
+        return pid if isinstance(pid, int) else None
+    return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill_init(proc: subprocess.Popen[bytes], init: int) -> None:
+    """SIGKILL the sandbox's init, if ``init`` still is it (pids get reused: pid_max may
+    be 32768). A pidfd pins the process; it is ours while its parent is bwrap or us."""
+    try:
+        pidfd = os.pidfd_open(init)
+    except OSError:  # gone
+        return
+    try:
+        if _parent(init) in (proc.pid, os.getpid()):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _kill(proc: subprocess.Popen[bytes], init: int | None) -> None:
+    """SIGKILL the sandbox: its init (the pid namespace dies with it) and bwrap's group."""
+    if init is not None:
+        _kill_init(proc, init)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap is not reaped yet: the pgid is its
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _reap(init: int | None) -> None:
+    """Wait for the sandbox's init, so that every process of the sandbox is gone.
+
+    bwrap exits as soon as its init reports the command's exit status, without reaping
+    the init, which then goes to the nearest subreaper: this process (``_subreaper``).
+    The kernel lets the init exit only after every other process in its pid namespace
+    did. Reaping it here also keeps zombies from piling up where the host's pid 1 does
+    not reap (some containers).
+    """
+    if init is None:
+        return
+    deadline = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(init, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # not ours (no subreaper): the host's init reaps it
+            return
+        time.sleep(0.001)
+
+
+_is_subreaper = False
+
+
+def _subreaper() -> None:
+    """Make this process the subreaper of its descendants (Linux ``prctl``), once."""
+    global _is_subreaper
+    if not _is_subreaper:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise SandboxError(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
+        _is_subreaper = True
+
+
+class _Watch:
+    """Reads one running sandbox's output and enforces the wall and output limits."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], ready_fd: int, limits: Limits) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.ready_fd = ready_fd
+        self.limits = limits
+        self.out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        self.ready = b""
+        self.timed_out = self.exceeded = False
+
+    @property
+    def started(self) -> bool:
+        """The runner reported in: the sandbox is up, the solution's wall time runs."""
+        return self.ready.startswith(b"ready")
+
+    def run(self, start: float) -> None:
+        """Read until bwrap exits, or a limit is hit (then the caller kills it)."""
+        deadline = start + SETUP_TIMEOUT_S
+        open_fds = {*self.out, self.ready_fd}
+        while open_fds & set(self.out) and not self.exceeded:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select(list(open_fds), [], [], max(0.0, left))
+            if not readable and left <= 0:
+                self.timed_out = True
+                return
+            for fd in readable:
+                chunk = os.read(fd, READ_CHUNK)
+                if not chunk:
+                    open_fds.discard(fd)
+                elif fd == self.ready_fd:
+                    self.ready += chunk
+                    if self.started:  # from now on the solution's wall limit applies
+                        open_fds.discard(fd)
+                        deadline = time.monotonic() + self.limits.wall_s
+                else:
+                    self.out[fd] += chunk
+                    self.exceeded = self.exceeded or len(self.out[fd]) > self.limits.output_bytes
+        if not self.exceeded:
+            self._wait(deadline)
+
+    def _wait(self, deadline: float) -> None:
+        try:
+            self.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+        if not self.started:  # bwrap exited before we read the runner's word
+            os.set_blocking(self.ready_fd, False)
+            try:
+                self.ready += os.read(self.ready_fd, 16)
+            except BlockingIOError:
+                pass
+
+
+def _start(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    """Start bwrap in a session of its own, as the sandbox user."""
+    uid = sandbox_user()
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=stdin_fd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            cwd="/",
+            env=SANDBOX_ENV,
+            start_new_session=True,
+            user=uid,
+            group=uid,
+            extra_groups=None if uid is None else [],
+        )
+    except OSError as e:
+        raise SandboxError(f"cannot start bwrap: {e}") from e
+
+
+def _stdin_fd(stdin: bytes, secret: bool) -> int:
+    if not secret:
+        return _memfd("stdin", stdin)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, stdin)  # small (a nonce): fits the pipe's buffer
+    os.close(write_fd)
+    return read_fd
+
+
+def _confine(init: int | None, limits: Limits, block_fd: int) -> cgroup.MemoryCgroup | None:
+    """Put the sandbox's init (still blocked, before the command) in a memory cgroup of
+    its own where we can make one, then let it go on; None where there is none. Without
+    an init (bwrap failed or is stuck) it stays blocked: the caller finds out why."""
+    if init is None:
+        return None
+    where = cgroup.layout()
+    group = None
+    try:
+        if where is not None:
+            group = cgroup.MemoryCgroup(where, limits.group_memory_bytes)
+            group.add(init)
+        os.write(block_fd, b"x")
+    except (ProcessLookupError, BrokenPipeError):  # bwrap's setup failed: the caller says why
+        pass
+    except OSError as e:
+        if group is not None:
+            group.remove()
+        raise SandboxError(f"cannot confine the sandbox in a memory cgroup: {e}") from e
+    return group
+
+
+def execute(
+    python: str,
+    prefix: Path,
+    limits: Limits,
+    mode: str,
+    files: dict[str, bytes],
+    stdin: bytes,
+    secret_stdin: bool = False,
+) -> RunResult:
+    """One sandbox: ``runner.py`` in ``mode`` (stdio | asserts); SandboxError if it never
+    came up.
+
+    ``stdin`` is a memory file (any size), or with ``secret_stdin`` a pipe (small: a
+    secret the runner reads before the solution runs, which the solution cannot re-read).
+    The wall limit counts from the runner's report, so a slow sandbox start (a loaded
+    machine) does not eat the solution's time; the start itself may take
+    ``SETUP_TIMEOUT_S``.
+    """
+    _subreaper()
+    fds = {dest: _memfd(Path(dest).name, data) for dest, data in files.items()}
+    ready_r, ready_w = os.pipe()
+    info_r, info_w = os.pipe()
+    block_r, block_w = os.pipe()
+    stdin_fd = _stdin_fd(stdin, secret_stdin)
+    argv = sandbox_argv(python, prefix, limits, fds, info_w, block_r)
+    argv += ["-c", RUNNER_SOURCE, mode, SOLUTION, STATEMENTS, str(ready_w)]
+    argv += limits.runner_args()
+    start = time.monotonic()
+    try:
+        proc = _start(argv, stdin_fd, (*fds.values(), ready_w, info_w, block_r))
+    except BaseException:
+        for fd in (ready_r, info_r, block_w):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (*fds.values(), ready_w, info_w, block_r, stdin_fd):
+            os.close(fd)
+    watch = _Watch(proc, ready_r, limits)
+    init = group = None
+    try:
+        init = _read_info(info_r, start + SETUP_TIMEOUT_S)
+        group = _confine(init, limits, block_w)
+        watch.run(start)
+    finally:
+        if proc.poll() is None:  # a limit, or interrupted: leave nothing running
+            _kill(proc, init)
+        _reap(init)
+        peak = group.peak() if group is not None else None
+        if group is not None:
+            group.remove()
+        for fd in (ready_r, info_r, block_w):
+            os.close(fd)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    stdout, stderr = (bytes(b) for b in watch.out.values())
+    if not watch.started:
+        why = f"did not start within {SETUP_TIMEOUT_S:g} s" if watch.timed_out else "failed"
+        detail = stderr.decode("utf-8", "replace").strip()[-500:] or f"exit {proc.returncode}"
+        raise SandboxError(f"the sandbox {why} ({python}): {detail}")
+    return RunResult(
+        returncode=proc.returncode,
+        stdout=stdout,
+        stderr=stderr,
+        timed_out=watch.timed_out,
+        output_exceeded=watch.exceeded,
+        seconds=time.monotonic() - start,
+        memory_peak_bytes=peak,
+    )
+
+
+# -- choosing the interpreter ---------------------------------------------------------------
+_python: tuple[str, Path] | None = None
+
+
+def candidates() -> list[tuple[str, Path]]:
+    """Interpreters to try, with their prefixes: the env's own Python first."""
+    own = getattr(sys, "_base_executable", None) or sys.executable
+    found = [(os.path.realpath(own), Path(sys.base_prefix))]
+    for path in SYSTEM_PYTHONS:
+        if os.path.exists(path):
+            real = os.path.realpath(path)
+            found.append((real, Path(real).parents[1]))
+    unique: dict[str, Path] = {}
+    for python, prefix in found:
+        unique.setdefault(python, prefix)
+    return list(unique.items())
+
+
+def interpreter() -> tuple[str, Path]:
+    """The first candidate Python that starts in the sandbox (cached); else SandboxError."""
+    global _python
+    if _python is None:
+        errors = []
+        for python, prefix in candidates():
+            try:
+                probe = execute(python, prefix, Limits(), "stdio", {SOLUTION: b"print('ok')"}, b"")
+            except SandboxError as e:
+                errors.append(str(e))
+                continue
+            if probe.returncode == 0 and probe.stdout == b"ok\n":
+                _python = (python, prefix)
+                break
+            errors.append(f"{python}: {probe.problem(Limits())}")
+        else:
+            raise SandboxError("no Python runs in the sandbox:\n" + "\n".join(errors))
+    return _python
+
+
+# -- what the env calls ---------------------------------------------------------------------
+def run(solution: str, limits: Limits, stdin: str = "") -> RunResult:
+    """Run ``solution`` as a script with ``stdin``; its stdout and stderr come back."""
+    python, prefix = interpreter()
+    return execute(python, prefix, limits, "stdio", {SOLUTION: solution.encode()}, stdin.encode())
+
+
+def run_statements(solution: str, statements: list[str], limits: Limits) -> RunResult:
+    """Run ``solution``, then each statement in its namespace; ``outcomes`` says how each
+    went (a statement missing from it never finished: the run died or exited first)."""
+    python, prefix = interpreter()
+    nonce = secrets.token_hex(16)
+    files = {SOLUTION: solution.encode(), STATEMENTS: "\0".join(statements).encode()}
+    result = execute(python, prefix, limits, "asserts", files, nonce.encode(), secret_stdin=True)
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag == nonce:
+            index, _, outcome = rest.partition(" ")
+            result.outcomes.setdefault(index, outcome)
+    return result
