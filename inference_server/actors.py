@@ -88,7 +88,11 @@ def start_engines(
         for i in range(count):
             eid = f"hf-{i}"
             handles[eid] = hf_actor.remote(
-                Path(model_dir), engine_id=eid, dtype=dtype, batch_size=backend.batch_size
+                Path(model_dir),
+                engine_id=eid,
+                dtype=dtype,
+                batch_size=backend.batch_size,
+                threads=max(1, int(backend.cpus_per_engine)),
             )
     waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
     ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout_s)

@@ -15,8 +15,9 @@ class EngineActors(StrictModel):
     engines_per_node: int = Field(1, ge=1)
     """Engines started on each inference node (each takes 1/engines_per_node of the node's
     ``inference_node`` resource)."""
-    cpus_per_engine: float = Field(1.0, gt=0.0)
-    """Ray CPUs each engine actor reserves on its inference node."""
+    cpus_per_engine: float = Field(2.0, gt=0.0)
+    """Ray CPUs each engine actor reserves on its inference node (also its torch threads
+    for the transformers backend)."""
 
 
 class TransformersBackend(EngineActors):

@@ -3,7 +3,8 @@
 The router is a plain object in the driver holding Ray actor handles. Each
 request goes to the live engine with the least outstanding work (sampled
 tokens it may still produce: ``n * max_tokens`` summed over its requests in
-flight). When an engine dies, every request it held is re-queued on the others,
+flight); the requests an engine gets from one call travel together, so it can
+batch them. When an engine dies, every request it held is re-queued on the others,
 so a request is answered exactly once or the call raises naming the requests
 left unserved. Weight updates are put in Ray's object store once, as numpy
 arrays (read zero-copy on the same node; bench/results/weight_transport.md), and
@@ -70,25 +71,30 @@ class EngineRouter:
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within one generate() call")
         pending: deque[GenerateRequest] = deque(requests)
-        inflight: dict[Any, tuple[str, GenerateRequest]] = {}
+        inflight: dict[Any, tuple[str, list[GenerateRequest]]] = {}
         results: dict[str, GenerateResult] = {}
         while pending or inflight:
-            while pending:
-                r = pending[0]
-                eid = self._pick([*pending, *(req for _, req in inflight.values())])
-                pending.popleft()
-                inflight[self.engines[eid].generate.remote([r])] = (eid, r)
-                self.outstanding[eid] += _work(r)
+            if pending:  # one call per engine: the engine batches what it gets
+                chunks: dict[str, list[GenerateRequest]] = {}
+                while pending:
+                    r = pending[0]
+                    eid = self._pick([*pending, *(q for _, rs in inflight.values() for q in rs)])
+                    pending.popleft()
+                    chunks.setdefault(eid, []).append(r)
+                    self.outstanding[eid] += _work(r)
+                for eid, chunk in chunks.items():
+                    inflight[self.engines[eid].generate.remote(chunk)] = (eid, chunk)
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
-                eid, r = inflight.pop(ref)
-                self.outstanding[eid] -= _work(r)
+                eid, chunk = inflight.pop(ref)
+                self.outstanding[eid] -= sum(_work(r) for r in chunk)
                 try:
-                    (results[r.request_id],) = ray.get(ref)
+                    for r, res in zip(chunk, ray.get(ref), strict=True):
+                        results[r.request_id] = res
                 except (ActorDiedError, ActorUnavailableError) as e:
                     self._retire(eid, e)
-                    self.requeued += 1
-                    pending.append(r)
+                    self.requeued += len(chunk)
+                    pending.extend(chunk)
         return [results[i] for i in ids]
 
     def _all(self, call: Any) -> dict[str, Any]:
@@ -108,15 +114,17 @@ class EngineRouter:
         return out
 
     def update_weights(
-        self, version: int, state: Mapping[str, torch.Tensor], bucket_bytes: int = 1 << 20
+        self, version: int, state: Mapping[str, torch.Tensor] | Any, bucket_bytes: int = 1 << 20
     ) -> dict[str, float]:
-        """Send ``state`` as ``version`` to every live engine through the object store."""
+        """Send ``state`` as ``version`` to every live engine through the object store.
+        ``state`` is a state dict, or an object ref to a ``HostState`` already there (the
+        trainer's rank 0 returns one, so the weights never pass through this process)."""
         import time
 
         import ray
 
         t0 = time.perf_counter()
-        ref = ray.put(HostState.of(state))
+        ref = state if isinstance(state, ray.ObjectRef) else ray.put(HostState.of(state))
         per = self._all(lambda h: h.update_weights.remote(version, ref, bucket_bytes))
         pause = max(m.get("weight_sync/pause_seconds", 0.0) for m in per.values())
         return {

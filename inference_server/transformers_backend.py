@@ -144,12 +144,15 @@ class DirTransformersEngine(TransformersEngine):
         engine_id: str = "hf-0",
         dtype: str = "float32",
         batch_size: int = 512,
+        threads: int = 0,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").exists():
             raise FileNotFoundError(f"model dir {model_dir} has no config.json")
+        if threads:
+            torch.set_num_threads(threads)
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         super().__init__(model, tok, engine_id=engine_id, batch_size=batch_size)

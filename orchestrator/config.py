@@ -49,6 +49,9 @@ class RolloutConfig(StrictModel):
     """Nucleus sampling mass."""
     max_new_tokens: int = Field(40, ge=1)
     """Generation cap per completion, in tokens."""
+    max_staleness: int = Field(0, ge=0, le=8)
+    """0: synchronous, on-policy. k >= 1: generating step s+1 overlaps training step s, and
+    samples from weights more than k versions behind the trainer are dropped (counted)."""
 
 
 class AdvantageConfig(StrictModel):
@@ -60,6 +63,25 @@ class AdvantageConfig(StrictModel):
     """Divide by the group's reward std (GRPO); false gives Dr. GRPO's unscaled advantages."""
     drop_zero_variance: bool = True
     """Drop groups whose rewards are all equal (no signal) before the forward pass."""
+
+
+class ClusterConfig(StrictModel):
+    """Where the run's components live."""
+
+    mode: Literal["ray", "local"] = "ray"
+    """ray: engines, trainer ranks and env pools are Ray actors placed by node role (a
+    private local cluster unless ``address`` is set). local: one process, no Ray."""
+    address: str | None = None
+    """Join this running Ray cluster (``host:port``; the SLURM launcher's) instead of
+    starting a local one."""
+    token_path: Path | None = None
+    """Ray auth token file of the cluster at ``address``."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs Ray schedules with on the local cluster; None = 4 x the machine's cores
+    (engines, trainer ranks and env workers share the real cores; most wait on each other)."""
+    allow_network: bool = False
+    """Start the local cluster even with network interfaces present (Ray binds the routable
+    address; token auth stays on). Off: only inside a loopback-only network namespace."""
 
 
 class EvalConfig(StrictModel):
@@ -105,6 +127,8 @@ class RunConfig(StrictModel):
     """Generation backend."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Ray cluster: local (embedded default) or joined; or no Ray at all."""
 
     @model_validator(mode="after")
     def _datasets_have_envs(self) -> RunConfig:

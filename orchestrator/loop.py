@@ -8,6 +8,7 @@ group, env pools, async staleness) keeps exactly this shape.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from inference_server.transformers_backend import TransformersEngine
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult, evaluate_passk
-from orchestrator.scoring import score_groups
+from orchestrator.scoring import Scorer, score_groups
 from reward_envs.protocol import RewardResult
 from reward_envs.scorer import LocalScorer
 from trainer.advantages import compute_advantages
@@ -176,25 +177,30 @@ class Policy:
 
     def evaluate(self) -> EvalResult:
         """Greedy, sampled pass@1 and pass@k on the held-out prompts."""
-        by_env: dict[str, list[Prompt]] = {}
-        for p in self.heldout:
-            by_env.setdefault(p.env or self.cfg.datasets[0].env, []).append(p)
-        if len(by_env) != 1:
-            raise ValueError("held-out evaluation takes prompts of one env; split the file")
-        env, prompts = next(iter(by_env.items()))
-        rows = [{"prompt": p.text, **p.fields} for p in prompts]
-        c = self.cfg
-        result = evaluate_passk(
-            self.model,
-            self.tok,
-            rows,
-            lambda items: [r.score for r in self.envs.score(env, items)],
-            k=c.eval.k,
-            temperature=c.rollout.temperature,
-            max_new_tokens=c.rollout.max_new_tokens,
-            seed=c.seed,
-        )
-        return result
+        return evaluate_heldout(self.cfg, self.model, self.tok, self.heldout, self.envs)
+
+
+def evaluate_heldout(
+    cfg: RunConfig, model: Any, tok: Any, heldout: list[Prompt], scorer: Scorer
+) -> EvalResult:
+    """Greedy, sampled pass@1 and pass@k of ``model`` on the held-out prompts."""
+    by_env: dict[str, list[Prompt]] = {}
+    for p in heldout:
+        by_env.setdefault(p.env or cfg.datasets[0].env, []).append(p)
+    if len(by_env) != 1:
+        raise ValueError("held-out evaluation takes prompts of one env; split the file")
+    env, prompts = next(iter(by_env.items()))
+    rows = [{"prompt": p.text, **p.fields} for p in prompts]
+    return evaluate_passk(
+        model,
+        tok,
+        rows,
+        lambda items: [r.score for r in scorer.score(env, items)],
+        k=cfg.eval.k,
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=cfg.seed,
+    )
 
 
 def describe(name: str, r: EvalResult) -> str:
@@ -213,11 +219,14 @@ def evaluate_only(cfg: RunConfig, log: Any = print) -> EvalResult:
 
 
 def run(cfg: RunConfig, log: Any = print) -> RunSummary:
-    """Evaluate, train ``cfg.steps`` GRPO steps, evaluate again."""
-    policy = Policy(cfg)
+    """Evaluate, train ``cfg.steps`` GRPO steps, evaluate again: on a Ray cluster
+    (``cluster.mode = "ray"``, the default) or in this one process."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if cfg.cluster.mode == "ray":
+        return _run_on_ray(cfg, log)
+    policy = Policy(cfg)
     trainer = Trainer(policy.model, cfg.trainer, pad_id=policy.tok.pad_token_id)
     sampler = PromptSampler(cfg.datasets, cfg.seed)
     sampling = SamplingParams(
@@ -261,6 +270,31 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
     log(describe("after ", after))
     policy.close()
     return RunSummary(before=before, after=after, history=history)
+
+
+def _run_on_ray(cfg: RunConfig, log: Any) -> RunSummary:
+    import ray
+
+    from orchestrator.cluster import connect, start_local
+    from orchestrator.distributed import run_distributed
+
+    c = cfg.cluster
+    model, tok = load_policy(cfg)  # the driver's copy: held-out evaluation and probe inputs
+    if c.address:
+        if c.token_path is None:
+            raise ValueError("cluster.address needs cluster.token_path (the cluster's token)")
+        connect(c.address, c.token_path)
+    else:
+        start_local(
+            Path(cfg.output_dir),
+            num_cpus=c.num_cpus or 4 * (os.cpu_count() or 1),
+            resources={"inference_node": 1, "trainer_node": 1},
+            allow_network=c.allow_network,
+        )
+    try:
+        return run_distributed(cfg, model, tok, log)
+    finally:
+        ray.shutdown()
 
 
 def tokenize(tok: Any, p: Prompt, cache: dict[str, list[int]]) -> list[int]:

@@ -106,6 +106,10 @@ class TrainerConfig(StrictModel):
     """Parameter dtype of the trained model (bfloat16 on GPUs, float32 on CPU)."""
     seed: int = 0
     """Seed for torch's RNG in the trainer."""
+    ranks_per_node: int = Field(1, ge=1, le=16)
+    """Data-parallel ranks on each trainer node (one per GPU on GPU nodes; 4 on MN5)."""
+    cpus_per_rank: float = Field(2.0, gt=0.0)
+    """Ray CPUs each rank reserves (and its torch threads)."""
 
     @model_validator(mode="after")
     def _chunk_fits(self) -> TrainerConfig:

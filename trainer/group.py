@@ -1,0 +1,147 @@
+"""The trainer group: data-parallel ranks as Ray actors on the trainer nodes.
+
+``TrainerRank`` is a plain class (one rank: model, ``Trainer``, membership of the
+``torch.distributed`` group: gloo on CPU, NCCL on GPU); ``TrainerGroup`` makes it
+a Ray actor in one place, ``ranks_per_node`` per node offering the
+``trainer_node`` resource (never placed by hostname), joins the ranks and fans
+calls out. Every rank gets the whole batch and trains its share (``Trainer``);
+rank 0 exports the weights for the engines as a ``HostState`` that stays in
+Ray's object store (the engines fetch it from there, not through the driver).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_server.weights import HostState
+from trainer.config import TrainerConfig
+from trainer.protocol import TrainBatch
+
+TRAINER_RESOURCE = "trainer_node"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class TrainerRank:
+    """One data-parallel rank."""
+
+    def __init__(self, model_dir: Path, cfg: TrainerConfig, rank: int, world: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(max(1, int(cfg.cpus_per_rank)))
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation
+        )
+        self.model = model.to("cuda") if torch.cuda.is_available() else model
+        self.trainer: Any = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and a free port on this rank's node (asked of rank 0)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def join(self, address: str, port: int) -> int:
+        """Join the process group, then build the trainer (which sees the group)."""
+        import torch.distributed as dist
+
+        from trainer.trainer import Trainer
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
+        )
+        self.trainer = Trainer(self.model, self.cfg, pad_id=self.tok.pad_token_id)
+        return self.rank
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return dict(self.trainer.train_step(batch))
+
+    def host_state(self, names: list[str]) -> HostState:
+        """The weights engines serve (``names``), as numpy arrays for the object store."""
+        state = self.model.state_dict()
+        return HostState.of({n: state[n] for n in names})
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs (after the first token) of fixed sequences: the probe's truth."""
+        out = []
+        with torch.no_grad():
+            for seq in sequences:
+                ids = torch.tensor([seq], device=self.model.device)
+                logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                out.append(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].tolist())
+        return out
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+class TrainerGroup:
+    """``ranks_per_node`` ranks on every trainer node, joined into one process group."""
+
+    def __init__(self, model_dir: Path, cfg: TrainerConfig) -> None:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(TRAINER_RESOURCE)]
+        if not nodes:
+            raise RuntimeError(
+                f"no Ray node offers the {TRAINER_RESOURCE!r} resource, so the trainer group "
+                f"has nowhere to run; start trainer nodes with `ray start ... --resources "
+                f"'{{\"{TRAINER_RESOURCE}\": 1}}'` (the SLURM launcher does)"
+            )
+        world = len(nodes) * cfg.ranks_per_node
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        actor = ray.remote(
+            num_cpus=cfg.cpus_per_rank,
+            num_gpus=gpus,
+            # the ranks take 90% of a node's trainer_node resource together; env pool actors
+            # (1e-3 each) share the rest, so both land on the same nodes
+            resources={TRAINER_RESOURCE: 0.9 / cfg.ranks_per_node},
+        )(TrainerRank)
+        self.ranks: list[Any] = [actor.remote(Path(model_dir), cfg, r, world) for r in range(world)]
+        address, port = ray.get(self.ranks[0].rendezvous.remote())
+        ray.get([r.join.remote(address, port) for r in self.ranks])
+        self.world = world
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        import ray
+
+        return ray.get([r.train_step.remote(batch) for r in self.ranks])[0]
+
+    def host_state(self, names: list[str]) -> Any:
+        """An object ref to rank 0's weights (kept in the object store)."""
+        return self.ranks[0].host_state.remote(names)
+
+    def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        import ray
+
+        return ray.get(self.ranks[0].logprobs.remote(sequences))
+
+    def checksums(self) -> list[str]:
+        import ray
+
+        return ray.get([r.checksum.remote() for r in self.ranks])
+
+    def nodes(self) -> list[str]:
+        import ray
+
+        return ray.get([r.node.remote() for r in self.ranks])
