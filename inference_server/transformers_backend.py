@@ -169,6 +169,17 @@ class DirTransformersEngine(TransformersEngine):
             self.version = version
         return {"weight_sync/buckets": 1.0}
 
+    def checksum(self) -> str:
+        """Hash of the served weights (every engine of a run must agree after a push)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with self.lock:
+            for name in sorted(self.shapes):
+                t = self.model.state_dict()[name]
+                h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of every token after the first (T = 1)."""
         out = []

@@ -23,6 +23,7 @@ from inference_server.transformers_backend import TransformersEngine
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult, evaluate_passk
+from orchestrator.report import write_report
 from orchestrator.scoring import Scorer, score_groups
 from reward_envs.protocol import RewardResult
 from reward_envs.scorer import LocalScorer
@@ -225,7 +226,15 @@ def run(cfg: RunConfig, log: Any = print) -> RunSummary:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     if cfg.cluster.mode == "ray":
-        return _run_on_ray(cfg, log)
+        summary = _run_on_ray(cfg, log)
+    else:
+        summary = _run_local(cfg, log)
+    write_report(out_dir, summary.before, summary.after, summary.history)
+    return summary
+
+
+def _run_local(cfg: RunConfig, log: Any) -> RunSummary:
+    out_dir = Path(cfg.output_dir)
     policy = Policy(cfg)
     trainer = Trainer(policy.model, cfg.trainer, pad_id=policy.tok.pad_token_id)
     sampler = PromptSampler(cfg.datasets, cfg.seed)
