@@ -102,7 +102,7 @@ class RunConfig(StrictModel):
     """HF-format model directory (config, safetensors, tokenizer); never a hub id."""
     output_dir: Path = Path("runs/default")
     """Run directory: resolved config, metrics, checkpoints."""
-    steps: int = Field(100, ge=0)
+    steps: int = Field(200, ge=0)
     """Optimizer steps."""
     seed: int = 0
     """Seed for prompt sampling and generation."""
