@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="train: evaluate, GRPO steps, evaluate again")
     _add_config_args(run)
+    run.add_argument("--address", help="join this Ray cluster (host:port) instead of a local one")
+    run.add_argument("--token", type=Path, help="that cluster's Ray auth token file")
     cfg = sub.add_parser("config", help="validate a config and print it fully resolved")
     _add_config_args(cfg)
     ev = sub.add_parser("eval", help="greedy / pass@1 / pass@k of a model on held-out prompts")
@@ -59,14 +61,20 @@ def main(argv: list[str] | None = None) -> int:
         return env_run(args)
     from orchestrator.config import ConfigError, load_config
 
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"cluster.address='{args.address}'")
+    if getattr(args, "token", None):
+        overrides.append(f"cluster.token_path='{args.token}'")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"caravela {args.command}: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
         print(cfg.model_dump_json(indent=2))
         return 0
+    from orchestrator.cluster import ClusterError
     from orchestrator.loop import evaluate_only, run
 
     try:
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_only(cfg)
         else:
             run(cfg)
-    except (FileNotFoundError, NotImplementedError, ValueError) as e:
+    except (FileNotFoundError, NotImplementedError, ValueError, ClusterError) as e:
         print(f"caravela {args.command}: {e}", file=sys.stderr)
         return 1
     return 0
