@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--address", help="join this Ray cluster (host:port) instead of a local one")
     run.add_argument("--token", type=Path, help="that cluster's Ray auth token file")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     cfg = sub.add_parser("config", help="validate a config and print it fully resolved")
     _add_config_args(cfg)
     ev = sub.add_parser("eval", help="greedy / pass@1 / pass@k of a model on held-out prompts")
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if getattr(args, "address", None):
         overrides.append(f"cluster.address='{args.address}'")
+    if getattr(args, "resume", False):
+        overrides.append("resume=true")
     if getattr(args, "token", None):
         overrides.append(f"cluster.token_path='{args.token}'")
     try:

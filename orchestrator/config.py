@@ -65,6 +65,16 @@ class AdvantageConfig(StrictModel):
     """Drop groups whose rewards are all equal (no signal) before the forward pass."""
 
 
+class CheckpointConfig(StrictModel):
+    """When the run saves itself (atomically: write, then rename) for ``--resume``."""
+
+    every_steps: int = Field(50, ge=0)
+    """Save every this many steps (0: only on request). On request: SIGUSR1 to the driver,
+    or a file named ``CHECKPOINT`` in the run directory (the SLURM launcher uses both)."""
+    keep: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
+
 class ClusterConfig(StrictModel):
     """Where the run's components live."""
 
@@ -129,6 +139,10 @@ class RunConfig(StrictModel):
     """Held-out evaluation."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Ray cluster: local (embedded default) or joined; or no Ray at all."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoints (distributed runs)."""
+    resume: bool = False
+    """Continue from the run directory's latest checkpoint (``caravela run --resume``)."""
 
     @model_validator(mode="after")
     def _datasets_have_envs(self) -> RunConfig:

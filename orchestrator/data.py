@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ class PromptSampler:
         self.datasets = [read_jsonl(s.path, s.env) for s in specs]
         self.weights = [s.weight for s in specs]
         self.orders: list[list[int]] = [[] for _ in specs]
+        self.by_id = {p.id: p for rows in self.datasets for p in rows}
+        self.first: list[Prompt] = []
+        """Prompts handed out before any new draw (in-flight prompts of a resumed run)."""
 
     def _next(self, d: int) -> Prompt:
         if not self.orders[d]:
@@ -70,5 +74,22 @@ class PromptSampler:
         return self.datasets[d][self.orders[d].pop()]
 
     def sample(self, n: int) -> list[Prompt]:
-        picks = self.rng.choices(range(len(self.datasets)), weights=self.weights, k=n)
-        return [self._next(d) for d in picks]
+        head, self.first = self.first[:n], self.first[n:]
+        picks = self.rng.choices(range(len(self.datasets)), weights=self.weights, k=n - len(head))
+        return head + [self._next(d) for d in picks]
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue the exact same prompt stream (JSON-able)."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "rng": [version, list(internal), gauss],
+            "orders": self.orders,
+            "first": [p.id for p in self.first],
+        }
+
+    def restore(self, state: dict[str, Any], inflight: Sequence[str] = ()) -> None:
+        """Continue from ``state``; ``inflight`` prompt ids (drawn, never trained on) come first."""
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.orders = [list(o) for o in state["orders"]]
+        self.first = [self.by_id[i] for i in [*inflight, *state["first"]]]

@@ -21,8 +21,10 @@ from typing import Any
 from inference_server.actors import start_engines
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
 from inference_server.router import EngineRouter
+from orchestrator import checkpoint
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt, PromptSampler, read_jsonl
+from orchestrator.evaluate import EvalResult
 from orchestrator.loop import RunSummary, build_batch, describe, evaluate_heldout, tokenize
 from orchestrator.scoring import score_groups
 from reward_envs.protocol import RewardResult
@@ -76,7 +78,7 @@ class Cluster:
 
 
 def rollout(
-    cluster: Cluster, sampler: PromptSampler, tok: Any, cache: dict[str, list[int]]
+    cluster: Cluster, prompts: list[Prompt], tok: Any, cache: dict[str, list[int]]
 ) -> Rollout:
     cfg = cluster.cfg
     sampling = SamplingParams(
@@ -85,7 +87,6 @@ def rollout(
         top_p=cfg.rollout.top_p,
         max_tokens=cfg.rollout.max_new_tokens,
     )
-    prompts = sampler.sample(cfg.rollout.prompts_per_step)
     requests = [
         GenerateRequest(request_id=p.id, sampling=sampling, prompt_ids=tokenize(tok, p, cache))
         for p in prompts
@@ -119,24 +120,51 @@ def drop_stale(r: Rollout, version: int, bound: int) -> tuple[Rollout, int]:
 
 
 def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> RunSummary:
-    """Evaluate, train ``cfg.steps`` steps on the cluster, evaluate again."""
+    """Evaluate, train ``cfg.steps`` steps on the cluster, evaluate again; ``cfg.resume``
+    continues from the latest checkpoint with no prompt skipped or repeated."""
     out_dir = Path(cfg.output_dir)
     cluster = Cluster(cfg, model, tok)
     heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
-    before = evaluate_heldout(cfg, model, tok, heldout, cluster.envs)
-    log(describe("before", before))
     sampler = PromptSampler(cfg.datasets, cfg.seed)
+    start, version = 0, 0
+    ckpt = checkpoint.latest(out_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise ValueError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
+    if ckpt is not None:
+        saved = json.loads((ckpt / "driver.json").read_text())
+        start, version = saved["step"], cluster.trainers.load(ckpt / "trainer.pt")
+        sampler.restore(saved["sampler"], saved["inflight"])
+        before = EvalResult(**saved["before"])
+        if version > 0:
+            cluster.push(version)  # the engines start from the checkpoint's weights
+        for name in ("metrics.jsonl", "prompts.jsonl"):  # drop steps after the checkpoint
+            lines = (out_dir / name).read_text().splitlines()[:start]
+            (out_dir / name).write_text("".join(x + "\n" for x in lines))
+        log(f"resumed from {ckpt} at step {start} (version {version})")
+    else:
+        before = evaluate_heldout(cfg, model, tok, heldout, cluster.envs)
+        for name in ("metrics.jsonl", "prompts.jsonl"):
+            (out_dir / name).write_text("")
+    log(describe("before", before))
+    requests = checkpoint.Requests(out_dir)
     cache: dict[str, list[int]] = {}
     bound = cfg.rollout.max_staleness
     history: list[dict[str, float]] = []
-    version = 0
-    with ThreadPoolExecutor(1) as pool, open(out_dir / "metrics.jsonl", "w") as metrics_file:
-        pending: Future[Rollout] = pool.submit(rollout, cluster, sampler, tok, cache)
-        for step in range(cfg.steps):
+    n = cfg.rollout.prompts_per_step
+    with (
+        ThreadPoolExecutor(1) as pool,
+        open(out_dir / "metrics.jsonl", "a") as metrics_file,
+        open(out_dir / "prompts.jsonl", "a") as prompts_file,
+    ):
+        drawn = sampler.sample(n)
+        pending: Future[Rollout] = pool.submit(rollout, cluster, drawn, tok, cache)
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             ready = pending.result()
+            inflight: list[Prompt] = []
             if bound > 0 and step + 1 < cfg.steps:  # next rollout overlaps this step's training
-                pending = pool.submit(rollout, cluster, sampler, tok, cache)
+                inflight = sampler.sample(n)
+                pending = pool.submit(rollout, cluster, inflight, tok, cache)
             ready, stale = drop_stale(ready, version, bound)
             staleness = [version - c.policy_version for r in ready.results for c in r.completions]
             batch, metrics = build_batch(
@@ -148,8 +176,20 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
                 version += 1
             metrics["seconds/train"] = time.perf_counter() - t1
             metrics.update(cluster.push(version))
+            every = cfg.checkpoint.every_steps
+            if (every and (step + 1) % every == 0) or requests.take():
+                driver = {
+                    "version": version,
+                    "sampler": sampler.state(),
+                    "inflight": [p.id for p in inflight],
+                    "before": before.to_dict(),
+                }
+                path = checkpoint.save(
+                    out_dir, step + 1, driver, cluster.trainers, cfg.checkpoint.keep
+                )
+                log(f"checkpoint {path}")
             if bound == 0 and step + 1 < cfg.steps:
-                pending = pool.submit(rollout, cluster, sampler, tok, cache)
+                pending = pool.submit(rollout, cluster, sampler.sample(n), tok, cache)
             metrics.update(ready.seconds)
             metrics.update(
                 step=float(step),
@@ -161,10 +201,13 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
             history.append(metrics)
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
+            prompts_file.write(json.dumps({"step": step, "prompts": [p.id for p in ready.prompts]}))
+            prompts_file.write("\n")
+            prompts_file.flush()
             if step % 10 == 0 or step == cfg.steps - 1:
                 log(
                     f"step {step:4d}  reward {metrics['reward_mean']:.3f}  "
-                    f"groups kept {int(metrics['groups_kept'])}/{cfg.rollout.prompts_per_step}  "
+                    f"groups kept {int(metrics['groups_kept'])}/{n}  "
                     f"{metrics['step_seconds']:.2f} s/step"
                 )
     import ray

