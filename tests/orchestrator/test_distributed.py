@@ -56,7 +56,7 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
         names = sorted(served_shapes(cfg.model))
         sampler = PromptSampler(cfg.datasets, cfg.seed)
         for step in range(3):
-            r = rollout(run, sampler, tok, {})
+            r = rollout(run, sampler.sample(cfg.rollout.prompts_per_step), tok, {})
             assert {c.engine_id for res in r.results for c in res.completions} == set(run.engines)
             batch, _ = build_batch(step, r.prompts, r.requests, r.results, r.scores, cfg)
             assert batch is not None
