@@ -147,6 +147,9 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
             (out_dir / name).write_text("")
     log(describe("before", before))
     requests = checkpoint.Requests(out_dir)
+    from torch.utils.tensorboard import SummaryWriter
+
+    board = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
     cache: dict[str, list[int]] = {}
     bound = cfg.rollout.max_staleness
     history: list[dict[str, float]] = []
@@ -199,6 +202,8 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
                 step_seconds=time.perf_counter() - t0,
             )
             history.append(metrics)
+            for key, value in metrics.items():
+                board.add_scalar(key, value, step)
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             prompts_file.write(json.dumps({"step": step, "prompts": [p.id for p in ready.prompts]}))
@@ -216,5 +221,6 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
     model.load_state_dict(trained)
     after = evaluate_heldout(cfg, model, tok, heldout, cluster.envs)
     log(describe("after ", after))
+    board.close()
     cluster.close()
     return RunSummary(before=before, after=after, history=history)

@@ -102,7 +102,16 @@ def build_batch(
                         env_build=s.build_hash,
                     )
                 )
+    lengths = [len(c.token_ids) for r in results for c in r.completions]
+    by_env: dict[str, list[float]] = {}
+    for prompt, group in zip(prompts, scores, strict=True):
+        by_env.setdefault(prompt.env, []).extend(s.score for s in group if s.score is not None)
     stats = {
+        "response_len_mean": sum(lengths) / max(1, len(lengths)),
+        "response_len_max": float(max(lengths, default=0)),
+        "truncation_rate": sum(c.finish_reason == "length" for r in results for c in r.completions)
+        / max(1, len(lengths)),
+        **{f"reward_mean/{env}": sum(v) / len(v) for env, v in by_env.items() if v},
         "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
         "groups_kept": float(kept),
         "groups_zero_variance": float(zero_var),
