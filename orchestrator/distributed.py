@@ -99,6 +99,32 @@ def rollout(
     return Rollout(prompts, requests, results, scores, seconds)
 
 
+def progress_bar() -> Any:
+    """A rich progress bar (step, reward, tokens/s, ETA) on a terminal; off otherwise, where
+    the loop prints a line every 10 steps instead."""
+    import sys
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not sys.stdout.isatty(),
+    )
+
+
 def drop_stale(r: Rollout, version: int, bound: int) -> tuple[Rollout, int]:
     """Remove groups any of whose completions came from weights older than the bound."""
     keep = [
@@ -154,10 +180,13 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
     bound = cfg.rollout.max_staleness
     history: list[dict[str, float]] = []
     n = cfg.rollout.prompts_per_step
+    bar = progress_bar()
+    task = bar.add_task("train", total=cfg.steps, completed=start, info="")
     with (
         ThreadPoolExecutor(1) as pool,
         open(out_dir / "metrics.jsonl", "a") as metrics_file,
         open(out_dir / "prompts.jsonl", "a") as prompts_file,
+        bar,
     ):
         drawn = sampler.sample(n)
         pending: Future[Rollout] = pool.submit(rollout, cluster, drawn, tok, cache)
@@ -209,7 +238,14 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
             prompts_file.write(json.dumps({"step": step, "prompts": [p.id for p in ready.prompts]}))
             prompts_file.write("\n")
             prompts_file.flush()
-            if step % 10 == 0 or step == cfg.steps - 1:
+            bar.update(
+                task,
+                advance=1,
+                info=f"reward {metrics['reward_mean']:.3f}  "
+                f"{metrics.get('tokens_per_s', 0.0):,.0f} train tok/s  "
+                f"{metrics['step_seconds']:.2f} s/step",
+            )
+            if bar.disable and (step % 10 == 0 or step == cfg.steps - 1):
                 log(
                     f"step {step:4d}  reward {metrics['reward_mean']:.3f}  "
                     f"groups kept {int(metrics['groups_kept'])}/{n}  "
