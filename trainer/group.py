@@ -68,6 +68,30 @@ class TrainerRank:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return dict(self.trainer.train_step(batch))
 
+    def save(self, path: str) -> None:
+        """Model, optimizer, scheduler, RNG and version to ``path`` (write, then rename)."""
+        import os
+
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "scheduler": self.trainer.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "version": self.trainer.version,
+        }
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+
+    def load(self, path: str) -> int:
+        """Restore what ``save`` wrote; returns the version."""
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.trainer.version = int(state["version"])
+        return self.trainer.version
+
     def host_state(self, names: list[str]) -> HostState:
         """The weights engines serve (``names``), as numpy arrays for the object store."""
         state = self.model.state_dict()
@@ -135,6 +159,17 @@ class TrainerGroup:
         import ray
 
         return ray.get(self.ranks[0].logprobs.remote(sequences))
+
+    def save(self, path: Path) -> None:
+        """Rank 0 writes (the ranks are identical); the run directory is shared."""
+        import ray
+
+        ray.get(self.ranks[0].save.remote(str(path)))
+
+    def load(self, path: Path) -> int:
+        import ray
+
+        return ray.get([r.load.remote(str(path)) for r in self.ranks])[0]
 
     def checksums(self) -> list[str]:
         import ray
