@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     from inference_server.serve import add_arguments
 
     add_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server on a model dir"))
+    from slurm.render import add_arguments as slurm_arguments
+
+    slurm_arguments(sub.add_parser("slurm", help="render or submit the sbatch script of a run"))
     return parser
 
 
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"caravela serve: {e}", file=sys.stderr)
             return 2
+    if args.command == "slurm":
+        from slurm.render import main as slurm_main
+
+        return slurm_main(args)
     if args.command == "env":
         from reward_envs.main import run as env_run
 

@@ -9,6 +9,7 @@ Loading never imports torch, vLLM or Ray, so a typo costs milliseconds.
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from inference_server.config import InferenceConfig
 from orchestrator import paths
 from reward_envs.config import EnvSpec, VenvIsolation
+from slurm.config import SlurmConfig
 from trainer.config import StrictModel, TrainerConfig
 
 
@@ -141,6 +143,8 @@ class RunConfig(StrictModel):
     """Ray cluster: local (embedded default) or joined; or no Ray at all."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoints (distributed runs)."""
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    """Job layout for ``caravela slurm render|submit``."""
     resume: bool = False
     """Continue from the run directory's latest checkpoint (``caravela run --resume``)."""
 
@@ -257,11 +261,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     if path is not None:
         source = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text())
+            text = Path(path).read_text()
+            # .json: a resolved config a run wrote (runs/<name>/config.json, the SLURM launcher)
+            data = json.loads(text) if Path(path).suffix == ".json" else tomllib.loads(text)
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {path}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from e
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not valid TOML/JSON: {e}") from e
         data = _resolve_paths(data, Path(path).resolve().parent)
     data = apply_overrides(data, overrides or [])
     try:
