@@ -205,7 +205,9 @@ for path in ({str(target)!r}, {str(repo_target)!r}, "/usr/pwned", "/pwned", "/et
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write("pwned")
-        ok += path.startswith(({str(CODE)!r}, "/usr", "/etc", "/pwned"))
+        # the sandbox's /tmp is private: a checkout under /tmp is shadowed, not reached
+        outside = path.startswith(({str(CODE)!r}, "/usr", "/etc", "/pwned"))
+        ok += outside and not path.startswith("/tmp/")
     except OSError:
         pass
 print("escaped" if ok else "contained")
