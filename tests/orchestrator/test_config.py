@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(
     p
     for p in REPO.rglob("*.toml")
-    if ".venv" not in p.parts and p.name not in ("pyproject.toml", "caravela-env.toml")
+    if not {".venv", ".cache", "profiles"} & set(p.parts)  # SLURM site profiles: tests/slurm
+    and p.name not in ("pyproject.toml", "caravela-env.toml")
 )
 
 
