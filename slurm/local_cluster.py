@@ -112,6 +112,8 @@ def stop(workdir: Path) -> None:
             os.kill(int(pidfile.read_text().split()[0]), 15)
         except (ProcessLookupError, ValueError):
             pass
+    # a daemon that had not written its pid file yet
+    subprocess.run(["pkill", "-f", str(workdir / "slurm.conf")], capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
