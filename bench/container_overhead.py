@@ -29,7 +29,6 @@ from reward_envs.config import DockerIsolation, VenvIsolation  # noqa: E402
 from reward_envs.containers import import_python_image, start_podman_service  # noqa: E402
 from reward_envs.manifest import load_manifest  # noqa: E402
 from reward_envs.pool import EnvPool  # noqa: E402
-from reward_envs.protocol import Item  # noqa: E402
 
 ARITH = REPO / "reward_envs" / "builtin" / "arith"
 IMAGE = "caravela-test-python:3.11"
@@ -40,7 +39,7 @@ def measure(built, manifest) -> dict[str, float]:
     t0 = time.perf_counter()
     pool = EnvPool(manifest, built, workers=1)
     start = time.perf_counter() - t0
-    items = [Item(e.prompt, e.completion, manifest.fields(e)) for e in manifest.examples]
+    items = manifest.example_items()
     items = [items[i % len(items)] for i in range(N)]
     try:
         pool.score(items)

@@ -48,16 +48,6 @@ class EngineRouter:
     def alive(self) -> list[str]:
         return [e for e in self.engines if e not in self.dead]
 
-    def _pick(self, unserved: Sequence[GenerateRequest]) -> str:
-        alive = self.alive
-        if not alive:
-            raise EngineUnavailable(
-                f"all {len(self.engines)} engines are dead ({self.dead}); "
-                f"{len(unserved)} requests were not served: "
-                f"{[r.request_id for r in unserved][:10]}"
-            )
-        return min(alive, key=lambda e: self.outstanding[e])
-
     def _retire(self, engine_id: str, why: BaseException) -> None:
         if engine_id not in self.dead:
             self.dead[engine_id] = f"{type(why).__name__}: {why}".splitlines()[0][:300]
@@ -75,11 +65,18 @@ class EngineRouter:
         results: dict[str, GenerateResult] = {}
         while pending or inflight:
             if pending:  # one call per engine: the engine batches what it gets
+                alive = self.alive
+                if not alive:
+                    unserved = [*pending, *(q for _, rs in inflight.values() for q in rs)]
+                    raise EngineUnavailable(
+                        f"all {len(self.engines)} engines are dead ({self.dead}); "
+                        f"{len(unserved)} requests were not served: "
+                        f"{[r.request_id for r in unserved][:10]}"
+                    )
                 chunks: dict[str, list[GenerateRequest]] = {}
                 while pending:
-                    r = pending[0]
-                    eid = self._pick([*pending, *(q for _, rs in inflight.values() for q in rs)])
-                    pending.popleft()
+                    r = pending.popleft()
+                    eid = min(alive, key=lambda e: self.outstanding[e])
                     chunks.setdefault(eid, []).append(r)
                     self.outstanding[eid] += _work(r)
                 for eid, chunk in chunks.items():

@@ -26,6 +26,7 @@ from inference_server.weights import (
     check_update,
     probe_diff,
     served_shapes,
+    weights_checksum,
 )
 
 
@@ -171,25 +172,16 @@ class DirTransformersEngine(TransformersEngine):
 
     def checksum(self) -> str:
         """Hash of the served weights (every engine of a run must agree after a push)."""
-        import hashlib
-
-        h = hashlib.sha256()
         with self.lock:
-            for name in sorted(self.shapes):
-                t = self.model.state_dict()[name]
-                h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+            state = self.model.state_dict()
+            return weights_checksum({name: state[name] for name in self.shapes})
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of every token after the first (T = 1)."""
-        out = []
-        with self.lock, torch.no_grad():
-            for seq in sequences:
-                ids = torch.tensor([list(seq)], device=self.model.device)
-                logits = self.model(input_ids=ids).logits[0, :-1].float()
-                lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
-                out.append(lp.tolist())
-        return out
+        from trainer.logprobs import sequence_logprobs
+
+        with self.lock:
+            return sequence_logprobs(self.model, sequences)
 
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float

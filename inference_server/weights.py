@@ -148,3 +148,13 @@ class HostState:
 
 def as_tensors(state: Mapping[str, torch.Tensor] | HostState) -> Mapping[str, torch.Tensor]:
     return state.tensors() if isinstance(state, HostState) else state
+
+
+def weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """Hash of names and bytes, in name order (engines and trainer ranks must agree)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode() + state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -28,8 +28,7 @@ from orchestrator.scoring import Scorer, score_groups
 from reward_envs.protocol import RewardResult
 from reward_envs.scorer import LocalScorer
 from trainer.advantages import compute_advantages
-from trainer.logprobs import micro_batch_logprobs
-from trainer.packing import build_packed
+from trainer.logprobs import sequence_logprobs
 from trainer.protocol import TrainBatch, TrainSample
 from trainer.trainer import Trainer
 
@@ -174,12 +173,7 @@ class Policy:
         assert backend.type == "vllm"
         state = {k: v for k, v in self.model.state_dict().items() if k in self.engine.shapes}
         metrics = self.engine.update_weights(version, state, backend.bucket_mb << 20)
-        (mb,) = build_packed([(s[:1], s[1:]) for s in self.probe], 1 << 20)
-        with torch.no_grad():
-            lp, _ = micro_batch_logprobs(self.model, mb, self.cfg.trainer.logprob_chunk_size)
-        expected = [
-            lp[mb.seq_ids == mb.sample_ids.index(i)].tolist() for i in range(len(self.probe))
-        ]
+        expected = sequence_logprobs(self.model, self.probe, self.cfg.trainer.logprob_chunk_size)
         metrics["weight_sync/probe_max_diff"] = self.engine.probe(
             self.probe, expected, backend.probe_tolerance
         )

@@ -110,12 +110,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from reward_envs.protocol import Item
 
     env_dir = resolve(args.env)
     manifest, pool = _pool(args, env_dir, workers=1, timeout=None)
     try:
-        items = [Item(e.prompt, e.completion, manifest.fields(e)) for e in manifest.examples]
+        items = manifest.example_items()
         results = pool.score(items)
     finally:
         pool.close()

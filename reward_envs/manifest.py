@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from reward_envs.protocol import Item
 from trainer.config import StrictModel
 
 
@@ -55,6 +56,10 @@ class Manifest(StrictModel):
     """Items per call for the batch and trl APIs."""
     examples: list[ExampleItem] = Field(default_factory=list)
     """Items with their expected scores."""
+
+    def example_items(self) -> list[Item]:
+        """The examples as items to score (the admission canary, ``caravela env test``)."""
+        return [Item(e.prompt, e.completion, self.fields(e)) for e in self.examples]
 
     def fields(self, item: ExampleItem) -> dict[str, Any]:
         extra = dict(item.fields)

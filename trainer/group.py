@@ -11,15 +11,15 @@ Ray's object store (the engines fetch it from there, not through the driver).
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from inference_server.weights import HostState
+from inference_server.weights import HostState, weights_checksum
 from trainer.config import TrainerConfig
+from trainer.logprobs import sequence_logprobs
 from trainer.protocol import TrainBatch
 
 TRAINER_RESOURCE = "trainer_node"
@@ -98,20 +98,11 @@ class TrainerRank:
         return HostState.of({n: state[n] for n in names})
 
     def checksum(self) -> str:
-        h = hashlib.sha256()
-        for name, t in sorted(self.model.state_dict().items()):
-            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return weights_checksum(self.model.state_dict())
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs (after the first token) of fixed sequences: the probe's truth."""
-        out = []
-        with torch.no_grad():
-            for seq in sequences:
-                ids = torch.tensor([seq], device=self.model.device)
-                logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-                out.append(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].tolist())
-        return out
+        return sequence_logprobs(self.model, sequences, self.cfg.logprob_chunk_size)
 
     def node(self) -> str:
         import ray

@@ -16,6 +16,7 @@ and the GPU benchmark share. Torch only, so it runs where pydantic is absent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -135,3 +136,20 @@ def micro_batch_logprobs(
         raise ValueError("LM heads with a bias are not supported by the chunked logprob path")
     targets = mb.target_ids.to(head.weight.device)
     return token_logprobs(hidden_at(model, mb), head.weight, targets, chunk_size)
+
+
+def sequence_logprobs(
+    model: nn.Module, sequences: Sequence[Sequence[int]], chunk_size: int = 1024
+) -> list[list[float]]:
+    """Logprob of every token after the first of each sequence, through the trainer's own
+    path (no grad): what the weight-sync probe compares engines against."""
+    from trainer.packing import build_packed
+
+    micro = build_packed([(s[:1], s[1:]) for s in sequences], 1 << 20)
+    out: list[list[float]] = [[] for _ in sequences]
+    with torch.no_grad():
+        for mb in micro:
+            lp, _ = micro_batch_logprobs(model, mb, chunk_size)
+            for local, i in enumerate(mb.sample_ids):
+                out[i] = lp[mb.seq_ids.to(lp.device) == local].tolist()
+    return out

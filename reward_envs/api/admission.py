@@ -12,7 +12,6 @@ from pathlib import Path
 from reward_envs.builder import BuiltEnv, find_built, prepare, process_env
 from reward_envs.manifest import Manifest, load_manifest
 from reward_envs.pool import EnvPool
-from reward_envs.protocol import Item
 
 from .models import Mismatch
 
@@ -32,7 +31,7 @@ def canary(manifest: Manifest, built: BuiltEnv, log_dir: Path | None = None) -> 
 
     Raises ``reward_envs.pool.EnvStartError`` when the env's worker cannot even start.
     """
-    items = [Item(e.prompt, e.completion, manifest.fields(e)) for e in manifest.examples]
+    items = manifest.example_items()
     pool = EnvPool(manifest, built, workers=1, log_dir=log_dir)
     try:
         results = pool.score(items)

@@ -57,7 +57,7 @@ def test_docker_env_scores_in_long_lived_containers(podman, tmp_path):
     manifest = load_manifest(ARITH_ENV)
     pool = EnvPool(manifest, built, workers=2, log_dir=tmp_path)
     try:
-        items = [Item(e.prompt, e.completion, manifest.fields(e)) for e in manifest.examples]
+        items = manifest.example_items()
         results = pool.score(items * 5)
         assert [r.score for r in results] == [e.expected_score for e in manifest.examples] * 5
         assert results[0].build_hash == built.build_hash and "-" in built.build_hash
@@ -118,7 +118,7 @@ def test_apptainer_env_scores_for_real(tmp_path):  # pragma: no cover - needs th
     manifest = load_manifest(ARITH_ENV)
     pool = EnvPool(manifest, built, workers=1, log_dir=tmp_path)
     try:
-        items = [Item(e.prompt, e.completion, manifest.fields(e)) for e in manifest.examples]
+        items = manifest.example_items()
         assert [r.score for r in pool.score(items)] == [e.expected_score for e in manifest.examples]
     finally:
         pool.close()
