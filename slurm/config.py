@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from trainer.config import StrictModel
 
@@ -58,9 +58,18 @@ class SlurmConfig(StrictModel):
     checkpoint_wait: int = Field(240, ge=10)
     """Seconds the USR1 handler waits for the checkpoint before requeueing anyway."""
     ray_port: int = Field(6379, ge=1024, le=65535)
-    """Ray head's GCS port."""
+    """Ray head's GCS port (not 8265 or 10001: the head's dashboard and client server)."""
     join_timeout: int = Field(300, ge=10)
     """Seconds for every node to join the Ray cluster before the job fails."""
+
+    @field_validator("ray_port")
+    @classmethod
+    def _port_is_free(cls, port: int) -> int:
+        if port in (8265, 10001):
+            raise ValueError(
+                f"port {port} is the Ray head's dashboard or client server; pick another"
+            )
+        return port
 
 
 def load_profile(name_or_path: str) -> SiteProfile:

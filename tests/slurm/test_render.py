@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import load_config
+from orchestrator.config import ConfigError, load_config
 from orchestrator.paths import ARITH_ENV
 from slurm.config import PROFILES
 from slurm.render import LaunchError, render
@@ -73,6 +73,11 @@ def test_bad_requests_fail_before_submission(tmp_path, sets, message):
     cfg = config(tmp_path, *sets)
     with pytest.raises((LaunchError, ValueError), match=message):
         render(cfg)
+
+
+def test_ray_port_must_not_be_the_heads_dashboard_or_client_server(tmp_path):
+    with pytest.raises(ConfigError, match="slurm.ray_port: port 10001 is the Ray head's"):
+        config(tmp_path, "slurm.ray_port=10001")
 
 
 def test_cli_writes_script_and_a_config_the_run_loads(tmp_path, capsys):
