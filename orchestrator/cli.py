@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cfg)
     ev = sub.add_parser("eval", help="greedy / pass@1 / pass@k of a model on held-out prompts")
     _add_config_args(ev)
+    data = sub.add_parser("data", help="pre-tokenize a run's datasets (on the login node)")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prepare = data_sub.add_parser(
+        "prepare", help="tokenize every dataset (and eval.heldout) into the prepared store"
+    )
+    _add_config_args(prepare)
+    from orchestrator.prepare import add_arguments as prepare_arguments
+
+    prepare_arguments(prepare)
     from reward_envs.main import build_parser as env_parser
 
     env_parser(sub.add_parser("env", help="build, list, test or try reward environments"))
@@ -84,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(cfg.model_dump_json(indent=2))
         return 0
+    if args.command == "data":
+        from orchestrator.prepare import main as data_main
+
+        try:
+            return data_main(cfg, args)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"caravela data {args.data_command}: {e}", file=sys.stderr)
+            return 1
     from orchestrator.cluster import ClusterError
     from orchestrator.loop import evaluate_only, run
 

@@ -1,21 +1,34 @@
-"""Prompt sources: JSONL datasets tagged with an env, mixed by per-dataset weights.
+"""Prompt sources: JSONL/JSON/Parquet datasets tagged with an env, mixed by per-dataset weights.
 
-Each row needs ``id``, ``prompt`` and whatever fields its env's scorer takes
-(``answer`` for the built-ins). Sampling is seeded: a dataset is drawn by
-weight, then its next row in a per-epoch shuffled order, so no prompt repeats
-within a dataset's epoch and a run is reproducible from its seed.
+Each row needs an id and a prompt (columns ``id`` and ``prompt`` unless the dataset's
+``id_field``/``prompt_field`` say otherwise) plus whatever fields its env's scorer takes
+(``answer`` for the built-ins). Sampling is seeded: a dataset is drawn by weight, then its
+next row in a per-epoch shuffled order, so no prompt repeats within a dataset's epoch and a
+run is reproducible from its seed. Datasets join (``add``) and leave (``remove``) the
+mixture mid-run; the sampler's ``state()`` records the mixture, so a resume continues the
+exact stream. Prompts carry their token ids when ``caravela data prepare`` made them
+(``orchestrator/prepare.py``); ``Prefetcher`` draws and tokenizes the next batches ahead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import DatasetSpec
+
+if TYPE_CHECKING:
+    from orchestrator.prepare import PreparedStore, TokenTable
+
+FORMATS = (".jsonl", ".json", ".parquet")
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -26,70 +39,410 @@ class Prompt:
     text: str
     env: str
     fields: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: tuple[int, ...] | None = None
+    """``[BOS] + ids(text)`` (``inference_server.tokens.encode_prompts``) when known:
+    prepared ahead of the run or tokenized by the ``Prefetcher``."""
+
+
+def read_prompts(
+    path: Path, env: str | None = None, prompt_field: str = "prompt", id_field: str = "id"
+) -> list[Prompt]:
+    """Rows of a ``.jsonl``/``.json``/``.parquet`` file as prompts, in file order.
+
+    ``env`` tags every row (else a row's own ``env`` column). ``id_field = ""``: ids are
+    ``<file stem>-<row number>``. A bad row is an error naming file, row and column.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: unsupported dataset format {suffix!r}; use one of {FORMATS}")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"dataset file {path} not found (relative dataset paths are to the config file)"
+        )
+    where = f"{path}:{{}}" if suffix == ".jsonl" else f"{path}: row {{}}"  # .format(n)
+    rows = _parquet_rows(path, prompt_field, id_field) if suffix == ".parquet" else _json_rows(path)
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    stem = path.stem
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where.format(n)}: each row must be an object, got {row!r:.80}")
+        if id_field:
+            row_id = row.pop(id_field, _MISSING)
+            if row_id is _MISSING or row_id is None or isinstance(row_id, (dict, list, float)):
+                raise ValueError(_bad_field(where.format(n), row, id_field, row_id))
+            row_id = str(row_id)
+        else:
+            row_id = f"{stem}-{len(prompts)}"
+        text = row.pop(prompt_field, _MISSING)
+        if not isinstance(text, str):
+            raise ValueError(_bad_field(where.format(n), row, prompt_field, text, prompt=True))
+        p = Prompt(
+            id=row_id,
+            text=text,
+            env=env or str(row.get("env", "")),
+            fields={k: v for k, v in row.items() if k != "env"},
+        )
+        if seen.setdefault(p.id, n) != n:
+            raise ValueError(
+                f"{where.format(n)}: id {p.id!r} repeats the one at {where.format(seen[p.id])}; "
+                'ids must be unique within a dataset (fix the file, or id_field = "" for '
+                "row-number ids)"
+            )
+        prompts.append(p)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
 
 
 def read_jsonl(path: Path, env: str | None = None) -> list[Prompt]:
-    """Rows of a JSONL file as prompts; a malformed row is an error naming file and line."""
-    rows = []
+    """``read_prompts`` with the default columns (any supported format, despite the name)."""
+    return read_prompts(path, env)
+
+
+def _bad_field(where: str, row: dict[str, Any], name: str, value: Any, prompt: bool = False) -> str:
+    """The error for a row whose id or prompt (``name``, popped: ``value``) is unusable."""
+    got = "missing" if value is _MISSING else f"got {value!r}"
+    fields = ", ".join([*([name] if value is not _MISSING else []), *row])
+    if prompt:
+        return (
+            f"{where}: {name!r} must be the prompt text ({got}; fields: {fields}); "
+            "set prompt_field in its [[datasets]] entry if it is elsewhere"
+        )
+    return (
+        f"{where}: {name!r} must be the row's id, a string or integer ({got}; fields: {fields}); "
+        'set id_field in its [[datasets]] entry, or id_field = "" for row-number ids'
+    )
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append(
-                    Prompt(
-                        id=str(row.pop("id")),
-                        text=row.pop("prompt"),
-                        env=env or row.get("env", ""),
-                        fields={k: v for k, v in row.items() if k != "env"},
-                    )
-                )
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(
-                    f"{path}:{lineno}: each row must be a JSON object with 'id' and 'prompt' ({e})"
-                ) from None
-    if not rows:
-        raise ValueError(f"{path} holds no prompts")
-    return rows
+        text = f.read()
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            yield from enumerate(json.loads(text), 1)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:  # one parse for the whole file: twice as fast as a parse per line
+        rows = json.loads("[" + ",".join(line for _, line in lines) + "]")
+        if len(rows) == len(lines):
+            yield from zip((n for n, _ in lines), rows, strict=True)
+            return
+    except json.JSONDecodeError:
+        pass  # find the bad line below
+    for n, line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+    raise ValueError(f"{path}: a line holds more than one JSON value; one object per line")
+
+
+def _parquet_rows(path: Path, prompt_field: str, id_field: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path} is not a readable parquet file: {e}") from None
+    columns = table.column_names
+    for name, key in ((prompt_field, "prompt_field"), (id_field, "id_field")):
+        if name and name not in columns:
+            raise ValueError(
+                f"{path}: no column {name!r} (columns: {', '.join(columns)}); set {key} in its "
+                f"[[datasets]] entry to the column that holds it"
+                + ("" if key == "prompt_field" else ', or id_field = "" for row-number ids')
+            )
+    yield from enumerate(table.to_pylist(), 1)
+
+
+@dataclass
+class _Source:
+    """One dataset of the mixture; removed ones stay (their prompts may be in flight)."""
+
+    spec: DatasetSpec
+    prompts: list[Prompt]
+    ids: TokenTable | None
+    active: bool = True
+    order: list[int] = field(default_factory=list)
+    """Rows of the current epoch not drawn yet (popped from the end)."""
+
+
+def _key(spec: DatasetSpec) -> tuple[str, str, str, str]:
+    """What makes two specs the same dataset of the mixture (the weight may differ)."""
+    return str(spec.path), spec.env, spec.prompt_field, spec.id_field
 
 
 class PromptSampler:
-    """Draws prompts from several datasets by weight, epoch by epoch within each."""
+    """Draws prompts from several datasets by weight, epoch by epoch within each.
 
-    def __init__(self, specs: list[DatasetSpec], seed: int = 0) -> None:
+    ``store`` (``orchestrator.prepare.PreparedStore``): prompts come with the token ids
+    ``caravela data prepare`` wrote for their dataset, when it did.
+    """
+
+    def __init__(
+        self, specs: Sequence[DatasetSpec], seed: int = 0, store: PreparedStore | None = None
+    ) -> None:
         self.rng = random.Random(seed)
-        self.datasets = [read_jsonl(s.path, s.env) for s in specs]
-        self.weights = [s.weight for s in specs]
-        self.orders: list[list[int]] = [[] for _ in specs]
-        self.by_id = {p.id: p for rows in self.datasets for p in rows}
+        self.store = store
+        self.sources: list[_Source] = []
+        self.by_id: dict[str, tuple[int, int]] = {}
+        """Prompt id -> (source, row), over every source ever in the mixture."""
         self.first: list[Prompt] = []
         """Prompts handed out before any new draw (in-flight prompts of a resumed run)."""
+        for spec in specs:
+            self._load(spec)
 
-    def _next(self, d: int) -> Prompt:
-        if not self.orders[d]:
-            order = list(range(len(self.datasets[d])))
+    def _load(self, spec: DatasetSpec) -> None:
+        prompts = read_prompts(spec.path, spec.env, spec.prompt_field, spec.id_field)
+        ids = self.store.load(spec, prompts) if self.store is not None else None
+        self._append(_Source(spec, prompts, ids))
+
+    def _append(self, source: _Source) -> None:
+        clash = next((p.id for p in source.prompts if p.id in self.by_id), None)
+        if clash is not None:
+            raise ValueError(
+                f"prompt id {clash!r} is in both {self.sources[self.by_id[clash][0]].spec.path} "
+                f"and {source.spec.path}; ids must be unique across the datasets of a run"
+            )
+        s = len(self.sources)
+        self.by_id.update((p.id, (s, row)) for row, p in enumerate(source.prompts))
+        self.sources.append(source)
+
+    def _prompt(self, s: int, row: int) -> Prompt:
+        source = self.sources[s]
+        p = source.prompts[row]
+        if source.ids is None:
+            return p
+        return Prompt(p.id, p.text, p.env, p.fields, source.ids[row])
+
+    def _next(self, s: int) -> Prompt:
+        source = self.sources[s]
+        if not source.order:
+            order = list(range(len(source.prompts)))
             self.rng.shuffle(order)
-            self.orders[d] = order
-        return self.datasets[d][self.orders[d].pop()]
+            source.order = order
+        return self._prompt(s, source.order.pop())
 
     def sample(self, n: int) -> list[Prompt]:
         head, self.first = self.first[:n], self.first[n:]
-        picks = self.rng.choices(range(len(self.datasets)), weights=self.weights, k=n - len(head))
-        return head + [self._next(d) for d in picks]
+        active = [i for i, s in enumerate(self.sources) if s.active]
+        if len(head) < n and not active:
+            self.first = head + self.first
+            raise ValueError("every dataset was removed from the prompt mixture; add one first")
+        weights = [self.sources[i].spec.weight for i in active]
+        picks = self.rng.choices(active, weights=weights, k=n - len(head)) if active else []
+        return head + [self._next(s) for s in picks]
+
+    def add(self, spec: DatasetSpec) -> None:
+        """``spec`` joins the mixture with its weight from the next ``sample()`` on; a dataset
+        removed before comes back where its epoch stopped."""
+        for source in self.sources:
+            if _key(source.spec) == _key(spec):
+                if source.active:
+                    raise ValueError(f"dataset {spec.path} ({spec.env}) is already sampled")
+                source.spec, source.active = spec, True
+                return
+        self._load(spec)
+
+    def remove(self, env: str) -> None:
+        """Stop drawing the prompts of every dataset tagged ``env`` (those handed out stay)."""
+        tagged = [s for s in self.sources if s.active and s.spec.env == env]
+        if not tagged:
+            envs = sorted({s.spec.env for s in self.sources if s.active})
+            raise ValueError(f"no dataset tagged {env!r} is sampled (sampled envs: {envs})")
+        for s in tagged:
+            s.active = False
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue the exact same prompt stream (JSON-able)."""
+        """Everything needed to continue the exact same prompt stream (JSON-able, a copy)."""
         version, internal, gauss = self.rng.getstate()
         return {
             "rng": [version, list(internal), gauss],
-            "orders": self.orders,
+            "orders": [list(s.order) for s in self.sources],
             "first": [p.id for p in self.first],
+            "datasets": [
+                {**s.spec.model_dump(mode="json"), "active": s.active, "rows": len(s.prompts)}
+                for s in self.sources
+            ],
         }
 
     def restore(self, state: dict[str, Any], inflight: Sequence[str] = ()) -> None:
-        """Continue from ``state``; ``inflight`` prompt ids (drawn, never trained on) come first."""
+        """Continue from ``state``; ``inflight`` prompt ids (drawn, never trained on) come first.
+
+        The state's dataset list wins over the one this sampler was built with: datasets
+        added since are loaded, ones it never had are dropped.
+        """
+        if "datasets" in state:  # states from before add/remove: the constructor's datasets
+            self._restore_sources(state["datasets"])
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        self.orders = [list(o) for o in state["orders"]]
-        self.first = [self.by_id[i] for i in [*inflight, *state["first"]]]
+        for source, order in zip(self.sources, state["orders"], strict=True):
+            source.order = list(order)
+        missing = [i for i in [*inflight, *state["first"]] if i not in self.by_id]
+        if missing:
+            raise ValueError(f"the checkpoint names prompts no dataset holds: {missing[:5]}")
+        self.first = [self._prompt(*self.by_id[i]) for i in [*inflight, *state["first"]]]
+
+    def _restore_sources(self, saved: list[dict[str, Any]]) -> None:
+        specs = [
+            DatasetSpec.model_validate({k: v for k, v in d.items() if k not in ("active", "rows")})
+            for d in saved
+        ]
+        if [_key(s.spec) for s in self.sources] != [_key(x) for x in specs]:
+            had = {_key(s.spec): s for s in self.sources}
+            self.sources, self.by_id = [], {}
+            for spec in specs:
+                old = had.get(_key(spec))
+                if old is None:
+                    self._load(spec)
+                else:
+                    self._append(old)
+        for source, spec, d in zip(self.sources, specs, saved, strict=True):
+            if len(source.prompts) != d["rows"]:
+                raise ValueError(
+                    f"dataset {spec.path} has {len(source.prompts)} rows, the checkpoint's had "
+                    f"{d['rows']}: it changed since; restore the file or start a new run"
+                )
+            source.spec, source.active = spec, bool(d["active"])
+
+
+@dataclass
+class _Batch:
+    """One batch drawn ahead, with the sampler's state from just before its draw."""
+
+    state: dict[str, Any]
+    prompts: list[Prompt] = field(default_factory=list)
+    ready: bool = False
+    error: BaseException | None = None
+
+
+class Prefetcher:
+    """A ``PromptSampler`` whose next ``depth`` batches of ``batch_size`` are drawn and
+    tokenized (the prompts without prepared ids) in a background thread.
+
+    Same ``sample``/``state``/``restore``/``add``/``remove`` as the sampler, same stream:
+    draws happen in order, and ``state()`` is the sampler's state from before the oldest
+    batch not handed out yet, so a checkpoint never counts prefetched prompts as drawn. A
+    ``sample(n)`` of another size, ``add``, ``remove`` and ``restore`` rewind the sampler
+    to that state and drop the batches ahead.
+    """
+
+    def __init__(
+        self,
+        sampler: PromptSampler,
+        batch_size: int,
+        depth: int = 2,
+        encode: Callable[[list[str]], list[list[int]]] | None = None,
+    ) -> None:
+        """``encode``: texts -> token ids, e.g. ``partial(encode_prompts, tokenizer)`` with a
+        tokenizer of its own (HF fast tokenizers must not be shared between threads)."""
+        self.sampler, self.batch_size, self.depth, self.encode = sampler, batch_size, depth, encode
+        self._cond = threading.Condition()
+        self._queue: deque[_Batch] = deque()
+        self._generation = 0  # bumped whenever the batches ahead are dropped
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def sample(self, n: int) -> list[Prompt]:
+        with self._cond:
+            if n != self.batch_size or self._stop:  # closed: draws in the caller's thread
+                self._rewind()
+                return self._tokenize(self.sampler.sample(n))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+                self._thread.start()
+            while not (self._queue and self._queue[0].ready):
+                self._cond.wait()
+            batch = self._queue.popleft()
+            self._cond.notify_all()
+            if batch.error is not None:
+                self._queue.appendleft(batch)
+                self._rewind()
+                raise batch.error
+            return batch.prompts
+
+    def state(self) -> dict[str, Any]:
+        with self._cond:
+            return self._queue[0].state if self._queue else self.sampler.state()
+
+    def restore(self, state: dict[str, Any], inflight: Sequence[str] = ()) -> None:
+        with self._cond:
+            self._rewind()
+            self.sampler.restore(state, inflight)
+
+    def add(self, spec: DatasetSpec) -> None:
+        with self._cond:
+            self._rewind()
+            self.sampler.add(spec)
+
+    def remove(self, env: str) -> None:
+        with self._cond:
+            self._rewind()
+            self.sampler.remove(env)
+
+    def close(self) -> None:
+        """Stop the background thread (the batches ahead are dropped; ``sample`` still
+        works, drawing in the caller's thread)."""
+        with self._cond:
+            self._rewind()
+            self._stop = True
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rewind(self) -> None:
+        """Back to the state before the batches ahead (caller holds the lock)."""
+        if self._queue:
+            self.sampler.restore(self._queue[0].state)
+            self._queue.clear()
+        self._generation += 1
+        self._cond.notify_all()
+
+    def _tokenize(self, prompts: list[Prompt]) -> list[Prompt]:
+        todo = [i for i, p in enumerate(prompts) if p.prompt_ids is None]
+        if self.encode is None or not todo:
+            return prompts
+        out = list(prompts)
+        for i, ids in zip(todo, self.encode([prompts[i].text for i in todo]), strict=True):
+            out[i] = dataclasses.replace(prompts[i], prompt_ids=tuple(ids))
+        return out
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and len(self._queue) >= self.depth:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                generation = self._generation
+                batch = _Batch(self.sampler.state())
+                self._queue.append(batch)
+                try:
+                    drawn = self.sampler.sample(self.batch_size)
+                except Exception as e:  # re-raised in the caller's thread by sample()
+                    batch.error, batch.ready, self._thread = e, True, None
+                    self._cond.notify_all()
+                    return
+            try:
+                prompts, error = self._tokenize(drawn), None
+            except Exception as e:  # re-raised in the caller's thread by sample()
+                prompts, error = drawn, e
+            with self._cond:
+                if generation == self._generation:
+                    batch.prompts, batch.error, batch.ready = prompts, error, True
+                    self._cond.notify_all()
+                if error is not None:
+                    self._thread = None
+                    return
