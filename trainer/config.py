@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -85,6 +85,13 @@ class TrainerConfig(StrictModel):
     """Clip the global gradient norm to this value before every optimizer step."""
     loss: LossConfig = Field(default_factory=GRPOLoss)
     """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo."""
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_type_defaults_to_grpo(cls, v: object) -> object:
+        # ``--set trainer.loss.tis_cap=2`` alone means the default loss with that field
+        return {"type": "grpo", **v} if isinstance(v, dict) and "type" not in v else v
+
     layout: Literal["packed", "padded"] = "packed"
     """``packed`` lays several sequences end to end per row (no attention across them);
     ``padded`` is one right-padded sequence per row (the baseline)."""
@@ -110,6 +117,11 @@ class TrainerConfig(StrictModel):
     """Data-parallel ranks on each trainer node (one per GPU on GPU nodes; 4 on MN5)."""
     cpus_per_rank: float = Field(2.0, gt=0.0)
     """Ray CPUs each rank reserves (and its torch threads)."""
+    sharding: Literal["replicate", "fsdp2"] = "replicate"
+    """``replicate``: every rank holds the whole model and optimizer, gradients are summed
+    (DDP; enough while a model and its Adam state fit one GPU). ``fsdp2``: parameters,
+    gradients and optimizer state sharded over all ranks with ``fully_shard`` (one unit per
+    decoder layer), for models that do not fit; the update is the same."""
 
     @model_validator(mode="after")
     def _chunk_fits(self) -> TrainerConfig:

@@ -69,40 +69,45 @@ class TrainerRank:
         return dict(self.trainer.train_step(batch))
 
     def save(self, path: str) -> None:
-        """Model, optimizer, scheduler, RNG and version to ``path`` (write, then rename)."""
+        """Model, optimizer, scheduler, RNG and version to ``path`` (write, then rename) by
+        rank 0; the other ranks take part in gathering the state under FSDP2."""
         import os
 
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.trainer.optimizer.state_dict(),
-            "scheduler": self.trainer.scheduler.state_dict(),
+            **self.trainer.checkpoint(),
+            "sharding": self.cfg.sharding,
             "rng": torch.get_rng_state(),
             "version": self.trainer.version,
         }
-        torch.save(state, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        if self.rank == 0:
+            torch.save(state, f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
 
     def load(self, path: str) -> int:
         """Restore what ``save`` wrote; returns the version."""
         state = torch.load(path, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
-        self.trainer.scheduler.load_state_dict(state["scheduler"])
+        saved = state.get("sharding", "replicate")
+        if saved != self.cfg.sharding:
+            raise ValueError(
+                f"{path} was saved with trainer.sharding = {saved!r}; resume with that setting"
+            )
+        self.trainer.restore(state)
         torch.set_rng_state(state["rng"])
         self.trainer.version = int(state["version"])
         return self.trainer.version
 
-    def host_state(self, names: list[str]) -> HostState:
-        """The weights engines serve (``names``), as numpy arrays for the object store."""
-        state = self.model.state_dict()
-        return HostState.of({n: state[n] for n in names})
+    def host_state(self, names: list[str]) -> HostState | None:
+        """The weights engines serve (``names``), as numpy arrays for the object store (rank
+        0; under FSDP2 every rank takes part in gathering them)."""
+        state = self.trainer.state_dict()
+        return HostState.of({n: state[n] for n in names}) if self.rank == 0 else None
 
     def checksum(self) -> str:
-        return weights_checksum(self.model.state_dict())
+        return weights_checksum(self.trainer.state_dict())
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs (after the first token) of fixed sequences: the probe's truth."""
-        return sequence_logprobs(self.model, sequences, self.cfg.logprob_chunk_size)
+        return sequence_logprobs(self.trainer.policy, sequences, self.cfg.logprob_chunk_size)
 
     def node(self) -> str:
         import ray
@@ -136,6 +141,13 @@ class TrainerGroup:
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([r.join.remote(address, port) for r in self.ranks])
         self.world = world
+        self.sharded = cfg.sharding == "fsdp2" and world > 1
+        """FSDP2: gathering weights (push, probe, save) is a collective of every rank."""
+
+    def _collective(self, method: str, *args: Any) -> Any:
+        """Rank 0's answer (an object ref); every rank is called when the state is sharded."""
+        ranks = self.ranks if self.sharded else self.ranks[:1]
+        return [getattr(r, method).remote(*args) for r in ranks][0]
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         import ray
@@ -144,18 +156,18 @@ class TrainerGroup:
 
     def host_state(self, names: list[str]) -> Any:
         """An object ref to rank 0's weights (kept in the object store)."""
-        return self.ranks[0].host_state.remote(names)
+        return self._collective("host_state", names)
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         import ray
 
-        return ray.get(self.ranks[0].logprobs.remote(sequences))
+        return ray.get(self._collective("logprobs", sequences))
 
     def save(self, path: Path) -> None:
-        """Rank 0 writes (the ranks are identical); the run directory is shared."""
+        """Rank 0 writes (the run directory is shared)."""
         import ray
 
-        ray.get(self.ranks[0].save.remote(str(path)))
+        ray.get(self._collective("save", str(path)))
 
     def load(self, path: Path) -> int:
         import ray

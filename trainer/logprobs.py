@@ -127,10 +127,34 @@ def hidden_at(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])[mb.target_index.to(dev)]
 
 
+class PolicyLogprobs(nn.Module):
+    """The model with the logprob path as its ``forward(mb)``. Under FSDP2 this is the root
+    module: its forward hooks gather the parameters outside the decoder layers (embeddings,
+    final norm, the LM head the chunked path reads directly) and reduce their gradients."""
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return _micro_batch_logprobs(self.model, mb, self.chunk_size)
+
+
 def micro_batch_logprobs(
     model: nn.Module, mb: MicroBatch, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprobs and entropies ``[N]`` of the completion tokens of a micro-batch."""
+    """Logprobs and entropies ``[N]`` of the completion tokens of a micro-batch (``model``:
+    a causal LM, or a ``PolicyLogprobs`` around one)."""
+    if isinstance(model, PolicyLogprobs):
+        out: tuple[torch.Tensor, torch.Tensor] = model(mb)
+        return out
+    return _micro_batch_logprobs(model, mb, chunk_size)
+
+
+def _micro_batch_logprobs(
+    model: nn.Module, mb: MicroBatch, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     head = model.get_output_embeddings()  # type: ignore[operator]
     if getattr(head, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by the chunked logprob path")

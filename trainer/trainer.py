@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import TrainerConfig
-from trainer.logprobs import micro_batch_logprobs
+from trainer.logprobs import PolicyLogprobs, micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
 from trainer.protocol import TrainBatch
@@ -49,6 +49,26 @@ def shard(lengths: list[int], rank: int, world: int) -> list[int]:
     return sorted(mine)
 
 
+def fsdp2(policy: PolicyLogprobs) -> None:
+    """Shard ``policy`` over the default process group: one FSDP2 unit per decoder layer
+    (the model's ``_no_split_modules``), the rest in the root; gradients are summed over
+    ranks, not averaged, like the replicate path (whole-batch normalisers do the mean): FSDP2
+    averages, so the trainer scales each rank's loss by the world size (a divide factor of 1
+    would need PREMUL_SUM, which gloo lacks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(policy.model, "_no_split_modules", None) or ())
+    if not layers:
+        raise ValueError(
+            f"{type(policy.model).__name__} names no decoder layer class (_no_split_modules); "
+            "FSDP2 needs one unit per layer: use trainer.sharding = 'replicate'"
+        )
+    for m in list(policy.model.modules()):
+        if type(m).__name__ in layers:
+            fully_shard(m)
+    fully_shard(policy)
+
+
 class Trainer:
     """Owns the policy model, its optimiser and (when ``kl_beta > 0``) a frozen reference."""
 
@@ -63,6 +83,13 @@ class Trainer:
         self.ref_model = None
         if cfg.loss.kl_beta > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
+        self.policy = PolicyLogprobs(model, cfg.logprob_chunk_size)
+        self.sharded = cfg.sharding == "fsdp2" and self.world > 1
+        if self.sharded:
+            fsdp2(self.policy)
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
@@ -77,14 +104,13 @@ class Trainer:
             tis_cap=cfg.loss.tis_cap,
         )
         self.version = 0
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if distributed else 0
-        self.world = dist.get_world_size() if distributed else 1
 
     def layout(self, batch: TrainBatch, indices: list[int] | None = None) -> list[MicroBatch]:
         """Micro-batches of the samples at ``indices`` (all by default); sample ids index
         ``batch.samples``."""
         indices = list(range(len(batch.samples))) if indices is None else indices
+        if not indices:  # a rank whose share is empty (fewer samples than ranks)
+            return []
         seqs = [(batch.samples[i].prompt_ids, batch.samples[i].completion_ids) for i in indices]
         if self.cfg.layout == "packed":
             micro = build_packed(
@@ -106,11 +132,16 @@ class Trainer:
         sums: dict[str, float] = {}
         total_loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
+        idle = 0
+        if self.sharded:  # FSDP2's collectives run per pass: every rank makes as many
+            most = torch.tensor([len(micro)])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            idle = int(most.item()) - len(micro)
         for mb in micro:
-            logps, entropy = micro_batch_logprobs(self.model, mb, self.cfg.logprob_chunk_size)
+            logps, entropy = self.policy(mb)
             inp = self._loss_inputs(batch, mb, logps, entropy, num_tokens)
             loss, metrics = policy_loss(self.cfg.loss.type, inp, self.loss_params)
-            loss.backward()
+            (loss * self.world if self.sharded else loss).backward()  # FSDP2 averages
             total_loss += float(loss.detach())
             n = len(mb.target_ids)
             for k, v in metrics.items():
@@ -118,13 +149,20 @@ class Trainer:
                     sums[k] = max(sums.get(k, v), v)
                 else:
                     sums[k] = sums.get(k, 0.0) + v * n
+        for _ in range(idle):  # a pass that changes no gradient, matching the others' passes
+            logps, _ = self.policy(self.layout(batch, [0])[0])
+            (logps.sum() * 0.0).backward()
         tokens = float(sum(mb.real_tokens for mb in micro))
         if self.world > 1:
-            total_loss, sums = self._all_reduce(total_loss, sums)
+            total_loss, sums = self._all_reduce(total_loss, sums, grads=not self.sharded)
             counted = torch.tensor([tokens])
             dist.all_reduce(counted, op=dist.ReduceOp.SUM)
             tokens = counted.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        grad_norm: Any = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.max_grad_norm
+        )
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.version += 1
@@ -142,11 +180,52 @@ class Trainer:
         out["tokens_per_s"] = out["tokens"] / seconds
         return out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole weights; under FSDP2 a collective every rank must call."""
+        from torch.distributed.tensor import DTensor
+
+        return {
+            k: v.full_tensor() if isinstance(v, DTensor) else v
+            for k, v in self.model.state_dict().items()
+        }
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Model, optimizer and scheduler state, whole (FSDP2: gathered on rank 0 only, a
+        collective); loadable by ``restore`` whatever the number of ranks."""
+        if not self.sharded:
+            return {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optim = get_state_dict(self.policy, self.optimizer, options=opts)
+        return {"model": model, "optimizer": optim, "scheduler": self.scheduler.state_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load what ``checkpoint`` returned (every rank loads the whole state)."""
+        if not self.sharded:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.policy,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def _all_reduce(
-        self, total_loss: float, sums: dict[str, float]
+        self, total_loss: float, sums: dict[str, float], grads: bool = True
     ) -> tuple[float, dict[str, float]]:
-        """Sum gradients (and metric sums; max for ``*max``) over the ranks."""
-        for p in self.model.parameters():
+        """Sum gradients (unless FSDP2 reduced them) and metric sums (max for ``*max``)."""
+        for p in self.model.parameters() if grads else ():
             if p.requires_grad:
                 if p.grad is None:  # a rank whose share never touched this parameter
                     p.grad = torch.zeros_like(p)

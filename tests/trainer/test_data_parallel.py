@@ -1,5 +1,7 @@
-"""Two gloo ranks (real torch.distributed processes) make exactly the single-process update."""
+"""Two gloo ranks (real torch.distributed processes) make exactly the single-process update,
+with the model replicated or sharded with FSDP2 (``fully_shard``, on CPU with gloo)."""
 
+import copy
 import random
 
 import pytest
@@ -42,32 +44,49 @@ def make_batch(n=11):
     return TrainBatch(step=0, samples=samples, max_completion_length=20)
 
 
-def cfg(loss):
+def cfg(loss, sharding="replicate"):
     return TrainerConfig(
         lr=1e-2,
         loss={"type": loss},
+        sharding=sharding,
         max_tokens_per_micro_batch=48,
         pack_row_tokens=48,
         logprob_chunk_size=16,
     )
 
 
-def _rank(rank, world, port, loss, queue):
+def _rank(rank, world, port, loss, sharding, queue):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model = make_model()
-    trainer = Trainer(model, cfg(loss))
+    trainer = Trainer(make_model(), cfg(loss, sharding))
+    assert trainer.sharded == (sharding == "fsdp2")
     metrics = [trainer.train_step(make_batch()) for _ in range(2)]
+    # whole weights, gathered from the shards; numpy, not tensors: torch would pass
+    # shared-memory handles that die with this process
+    state = {k: v.detach().numpy().copy() for k, v in trainer.state_dict().items()}
+    saved = [copy.deepcopy(trainer.checkpoint())]  # whole optimizer state (rank 0 if FSDP2)
+    dist.broadcast_object_list(saved, src=0)
+    third = trainer.train_step(make_batch(5))
+    resumed = Trainer(make_model(), cfg(loss, sharding))
+    resumed.restore(saved[0])
+    assert resumed.train_step(make_batch(5))["loss"] == pytest.approx(third["loss"], rel=1e-6)
+    for k, v in resumed.state_dict().items():  # the restored optimizer made the same step
+        assert torch.allclose(v, trainer.state_dict()[k], atol=1e-6), k
+    # one sample: rank 1 has none, yet takes part in every collective (FSDP2: idle passes)
+    lone = make_batch(1)
+    assert trainer.train_step(lone)["tokens"] == sum(mb.real_tokens for mb in trainer.layout(lone))
     if rank == 0:
-        # numpy, not tensors: torch would pass shared-memory handles that die with this process
-        queue.put(({k: v.numpy().copy() for k, v in model.state_dict().items()}, metrics))
+        queue.put((state, metrics))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "gspo"])
-def test_two_ranks_equal_one_process(loss):
+@pytest.mark.parametrize(
+    "loss,sharding",
+    [("grpo", "replicate"), ("dr_grpo", "replicate"), ("gspo", "replicate"), ("grpo", "fsdp2")],
+)
+def test_two_ranks_equal_one_process(loss, sharding):
     model = make_model()
     single = Trainer(model, cfg(loss))
     expected = [single.train_step(make_batch()) for _ in range(2)]
@@ -75,7 +94,8 @@ def test_two_ranks_equal_one_process(loss):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = 29000 + random.randrange(1000)
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, loss, queue)) for r in range(2)]
+    args = (2, port, loss, sharding, queue)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
     state, metrics = queue.get(timeout=120)
