@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 run: $(STAMP)
 	$(BIN)/caravela env build arith
+	$(BIN)/caravela data prepare
 	$(LOOPBACK) $(BIN)/caravela run
 
 envs: $(STAMP)

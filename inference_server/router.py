@@ -136,6 +136,14 @@ class EngineRouter:
         """Max probe difference over all live engines; raises if any engine is off."""
         return max(self._all(lambda h: h.probe.remote(sequences, expected, tol)).values())
 
+    def metrics(self) -> dict[str, float]:
+        """Engines alive and dead, requests re-queued because their engine died (run total)."""
+        return {
+            "engines/alive": float(len(self.alive)),
+            "engines/dead": float(len(self.dead)),
+            "engines/requeued": float(self.requeued),
+        }
+
     def versions(self) -> dict[str, int]:
         """Weight version each live engine serves."""
         return self._all(lambda h: h.served_version.remote())

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from inference_server.config import InferenceConfig
 from orchestrator import paths
@@ -28,14 +28,30 @@ class ConfigError(ValueError):
 
 
 class DatasetSpec(StrictModel):
-    """A prompt source: a local JSONL file of ``{"id", "prompt", "answer", ...}`` rows."""
+    """A prompt source: a local JSONL, JSON or Parquet file of ``{"id", "prompt", "answer",
+    ...}`` rows; every column besides the id and the prompt goes to the env's scorer."""
 
     path: Path
-    """JSONL file (relative paths: to the config file)."""
+    """``.jsonl``, ``.json`` (an array of objects, or JSON lines) or ``.parquet`` file
+    (relative paths: to the config file). ``caravela data prepare`` pre-tokenizes it."""
     env: str
     """Env that scores this dataset's completions (an ``envs[].name``)."""
     weight: float = Field(1.0, gt=0.0)
     """Relative sampling weight of this dataset in the prompt mixture."""
+    prompt_field: str = Field("prompt", min_length=1)
+    """Column holding the prompt text (e.g. ``question`` for GSM8K's parquet files)."""
+    id_field: str = "id"
+    """Column holding each row's unique id; ``""``: the file has none, ids are
+    ``<file stem>-<row number>`` (stable while the file is unchanged)."""
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, path: Path) -> Path:
+        if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+            raise ValueError(
+                f"unsupported dataset format {path.suffix!r}; use a .jsonl, .json or .parquet file"
+            )
+        return path
 
 
 class RolloutConfig(StrictModel):
@@ -53,7 +69,12 @@ class RolloutConfig(StrictModel):
     """Generation cap per completion, in tokens."""
     max_staleness: int = Field(0, ge=0, le=8)
     """0: synchronous, on-policy. k >= 1: generating step s+1 overlaps training step s, and
-    samples from weights more than k versions behind the trainer are dropped (counted)."""
+    samples from weights more than k versions behind the trainer are handled by ``stale``."""
+    stale: Literal["drop", "tis"] = "drop"
+    """What happens to groups from weights more than ``max_staleness`` versions behind:
+    ``drop`` (counted in ``groups_stale_dropped``) or ``tis``: kept and importance-corrected
+    against the engine's logprobs (needs ``trainer.loss.tis_cap``; counted in
+    ``groups_stale_corrected``)."""
 
 
 class AdvantageConfig(StrictModel):
@@ -65,6 +86,11 @@ class AdvantageConfig(StrictModel):
     """Divide by the group's reward std (GRPO); false gives Dr. GRPO's unscaled advantages."""
     drop_zero_variance: bool = True
     """Drop groups whose rewards are all equal (no signal) before the forward pass."""
+    refill_rounds: int = Field(0, ge=0, le=16)
+    """Dynamic sampling (DAPO): when dropped groups (zero variance, reward errors, stale)
+    leave fewer than ``prompts_per_step`` groups that teach, draw that many new prompts and
+    generate again, up to this many extra rounds per step (counted in ``refill_rounds`` and
+    ``refill_prompts``). 0: train on what is left."""
 
 
 class CheckpointConfig(StrictModel):
@@ -96,6 +122,25 @@ class ClusterConfig(StrictModel):
     address; token auth stays on). Off: only inside a loopback-only network namespace."""
 
 
+class EnvApiConfig(StrictModel):
+    """The env registration API, served by the run's driver on the head node."""
+
+    enabled: bool = False
+    """Serve it for the run's life: envs registered with a ``mixture`` join the prompt mixture
+    at the next step, deleted ones drain (orchestrator/live.py). Bearer token in
+    ``<state_dir>/api-token``."""
+    host: str = "127.0.0.1"
+    """Bind address; the default keeps it on the head's loopback (reach it with ``ssh -L``)."""
+    port: int = Field(8710, ge=1, le=65535)
+    """TCP port."""
+    state_dir: Path | None = None
+    """Registry, token and inline envs; None = ``<output_dir>/env-api``."""
+    workers: int = Field(2, ge=1, le=256)
+    """Worker processes per pool of an env that joins (capped by its ``concurrency``)."""
+    replicas: int = Field(1, ge=1)
+    """Pool actors per env that joins, on the trainer nodes."""
+
+
 class EvalConfig(StrictModel):
     """Held-out evaluation before and after training."""
 
@@ -122,6 +167,10 @@ class RunConfig(StrictModel):
         default_factory=lambda: [DatasetSpec(path=paths.TINY_TRAIN, env="arith")], min_length=1
     )
     """Prompt sources, each tagged with the env that scores it."""
+    prepared_dir: Path | None = None
+    """Pre-tokenized datasets written by ``caravela data prepare`` (used when they match the
+    dataset and tokenizer, else prompts are tokenized on the fly); None =
+    ``$CARAVELA_DATA_STORE``, else ``<output_dir>/prepared``."""
     envs: list[EnvSpec] = Field(
         default_factory=lambda: [
             EnvSpec(name="arith", path=paths.ARITH_ENV, isolation=VenvIsolation())
@@ -143,10 +192,22 @@ class RunConfig(StrictModel):
     """Ray cluster: local (embedded default) or joined; or no Ray at all."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoints (distributed runs)."""
+    env_api: EnvApiConfig = Field(default_factory=EnvApiConfig)
+    """Live env registration during the run (distributed runs)."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     """Job layout for ``caravela slurm render|submit``."""
     resume: bool = False
     """Continue from the run directory's latest checkpoint (``caravela run --resume``)."""
+
+    @model_validator(mode="after")
+    def _stale_tis_needs_cap(self) -> RunConfig:
+        if self.rollout.stale == "tis" and self.trainer.loss.tis_cap is None:
+            raise ValueError(
+                "rollout.stale = 'tis' corrects stale samples with truncated importance "
+                "sampling, which needs trainer.loss.tis_cap (e.g. 2.0); set it, or use "
+                "rollout.stale = 'drop'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _datasets_have_envs(self) -> RunConfig:
@@ -193,7 +254,7 @@ def _resolve_paths(data: Any, base: Path) -> Any:
         return {
             k: (
                 str((base / v).resolve())
-                if k in ("path", "model", "heldout", "output_dir")
+                if k in ("path", "model", "heldout", "output_dir", "prepared_dir")
                 and isinstance(v, str)
                 and not Path(v).is_absolute()
                 else _resolve_paths(v, base)

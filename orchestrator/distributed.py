@@ -15,17 +15,22 @@ import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from inference_server.actors import start_engines
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
 from inference_server.router import EngineRouter
+from inference_server.tokens import encode_prompts
 from orchestrator import checkpoint
 from orchestrator.config import RunConfig
-from orchestrator.data import Prompt, PromptSampler, read_jsonl
+from orchestrator.data import Prefetcher, Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult
+from orchestrator.live import LiveEnvs
 from orchestrator.loop import RunSummary, build_batch, describe, evaluate_heldout, tokenize
+from orchestrator.monitor import RunMetrics, start_gpu_monitors
+from orchestrator.prepare import PreparedStore
 from orchestrator.scoring import score_groups
 from reward_envs.protocol import RewardResult
 from reward_envs.scorer import RayScorer
@@ -61,6 +66,7 @@ class Cluster:
         n_probe = getattr(backend, "probe_sequences", 4)
         self.probe = [tokenize(tok, p, cache) for p in heldout[:n_probe]]
         self.probe_tol = getattr(backend, "probe_tolerance", 1e-3)
+        self.gpu_monitors = start_gpu_monitors()
 
     def push(self, version: int) -> dict[str, float]:
         """Rank 0's weights to every engine through the object store, then the probe."""
@@ -74,6 +80,10 @@ class Cluster:
         return metrics
 
     def close(self) -> None:
+        import ray
+
+        for m in self.gpu_monitors:
+            ray.kill(m)
         self.envs.close()
 
 
@@ -125,33 +135,94 @@ def progress_bar() -> Any:
     )
 
 
-def drop_stale(r: Rollout, version: int, bound: int) -> tuple[Rollout, int]:
-    """Remove groups any of whose completions came from weights older than the bound."""
-    keep = [
+def select(r: Rollout, keep: list[int]) -> Rollout:
+    """The groups of ``r`` at indices ``keep``."""
+    return Rollout(
+        [r.prompts[i] for i in keep],
+        [r.requests[i] for i in keep],
+        [r.results[i] for i in keep],
+        [r.scores[i] for i in keep],
+        r.seconds,
+    )
+
+
+def merge(a: Rollout, b: Rollout) -> Rollout:
+    """One rollout holding the groups of both (a refill round joins the step's rollout)."""
+    seconds = {k: a.seconds.get(k, 0.0) + b.seconds.get(k, 0.0) for k in a.seconds | b.seconds}
+    return Rollout(
+        a.prompts + b.prompts,
+        a.requests + b.requests,
+        a.results + b.results,
+        a.scores + b.scores,
+        seconds,
+    )
+
+
+def handle_stale(r: Rollout, version: int, bound: int, how: str) -> tuple[Rollout, int]:
+    """Groups any of whose completions came from weights more than ``bound`` versions behind
+    ``version``: removed (``how="drop"``) or kept for the loss's TIS correction (``"tis"``).
+    Returns the rollout to train on and how many groups were stale."""
+    stale = [
         i
         for i, res in enumerate(r.results)
-        if all(version - c.policy_version <= bound for c in res.completions)
+        if any(version - c.policy_version > bound for c in res.completions)
     ]
-    dropped = len(r.results) - len(keep)
-    return (
-        Rollout(
-            [r.prompts[i] for i in keep],
-            [r.requests[i] for i in keep],
-            [r.results[i] for i in keep],
-            [r.scores[i] for i in keep],
-            r.seconds,
-        ),
-        dropped,
-    )
+    if how == "tis" or not stale:
+        return r, len(stale)
+    return select(r, [i for i in range(len(r.results)) if i not in set(stale)]), len(stale)
+
+
+def teaching_groups(r: Rollout, cfg: RunConfig) -> int:
+    """Groups ``build_batch`` will train on: every completion scored, and (when zero-variance
+    groups are dropped) not all rewards equal."""
+    n = 0
+    for group in r.scores:
+        values = [s.score for s in group]
+        if any(v is None for v in values):
+            continue
+        if cfg.advantage.drop_zero_variance and len(set(values)) <= 1:
+            continue
+        n += 1
+    return n
 
 
 def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> RunSummary:
     """Evaluate, train ``cfg.steps`` steps on the cluster, evaluate again; ``cfg.resume``
     continues from the latest checkpoint with no prompt skipped or repeated."""
-    out_dir = Path(cfg.output_dir)
     cluster = Cluster(cfg, model, tok)
+    api: LiveEnvs | None = None
+    sampler: Prefetcher | None = None
+    try:
+        from transformers import AutoTokenizer
+
+        store = PreparedStore.for_run(cfg, log)
+        sampler = Prefetcher(  # draws and tokenizes the next steps' prompts ahead
+            PromptSampler(cfg.datasets, cfg.seed, store=store),
+            batch_size=cfg.rollout.prompts_per_step,
+            encode=partial(encode_prompts, AutoTokenizer.from_pretrained(cfg.model)),
+        )
+        if cfg.env_api.enabled:
+            api = LiveEnvs(cfg, cluster.envs, sampler, log)
+        return _train(cfg, model, tok, cluster, sampler, api, log)
+    finally:
+        if api is not None:
+            api.close()
+        if sampler is not None:
+            sampler.close()
+        cluster.close()
+
+
+def _train(
+    cfg: RunConfig,
+    model: Any,
+    tok: Any,
+    cluster: Cluster,
+    sampler: Prefetcher,
+    api: LiveEnvs | None,
+    log: Any,
+) -> RunSummary:
+    out_dir = Path(cfg.output_dir)
     heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
-    sampler = PromptSampler(cfg.datasets, cfg.seed)
     start, version = 0, 0
     ckpt = checkpoint.latest(out_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
@@ -159,6 +230,8 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
     if ckpt is not None:
         saved = json.loads((ckpt / "driver.json").read_text())
         start, version = saved["step"], cluster.trainers.load(ckpt / "trainer.pt")
+        if api is not None:
+            api.restore(saved.get("live_envs", {}))
         sampler.restore(saved["sampler"], saved["inflight"])
         before = EvalResult(**saved["before"])
         if version > 0:
@@ -176,8 +249,10 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
     from torch.utils.tensorboard import SummaryWriter
 
     board = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
+    exported = RunMetrics(out_dir.name)  # the same metrics, on the Ray dashboard / Prometheus
     cache: dict[str, list[int]] = {}
     bound = cfg.rollout.max_staleness
+    stale_key = "groups_stale_corrected" if cfg.rollout.stale == "tis" else "groups_stale_dropped"
     history: list[dict[str, float]] = []
     n = cfg.rollout.prompts_per_step
     bar = progress_bar()
@@ -192,12 +267,19 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
         pending: Future[Rollout] = pool.submit(rollout, cluster, drawn, tok, cache)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            ready = pending.result()
+            ready, stale = handle_stale(pending.result(), version, bound, cfg.rollout.stale)
+            joins = api.sync(step) if api is not None else {}  # nothing is in flight here
+            refills, refill_prompts = 0, 0
+            while refills < cfg.advantage.refill_rounds:  # dynamic sampling: top up the step
+                missing = n - teaching_groups(ready, cfg)
+                if missing <= 0:
+                    break
+                ready = merge(ready, rollout(cluster, sampler.sample(missing), tok, cache))
+                refills, refill_prompts = refills + 1, refill_prompts + missing
             inflight: list[Prompt] = []
             if bound > 0 and step + 1 < cfg.steps:  # next rollout overlaps this step's training
                 inflight = sampler.sample(n)
                 pending = pool.submit(rollout, cluster, inflight, tok, cache)
-            ready, stale = drop_stale(ready, version, bound)
             staleness = [version - c.policy_version for r in ready.results for c in r.completions]
             batch, metrics = build_batch(
                 step, ready.prompts, ready.requests, ready.results, ready.scores, cfg
@@ -208,12 +290,15 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
                 version += 1
             metrics["seconds/train"] = time.perf_counter() - t1
             metrics.update(cluster.push(version))
+            metrics.update(cluster.router.metrics())  # engines alive/dead, requests re-queued
+            metrics.update(cluster.envs.metrics())  # per env: restarts, errors, replicas lost
             every = cfg.checkpoint.every_steps
             if (every and (step + 1) % every == 0) or requests.take():
                 driver = {
                     "version": version,
                     "sampler": sampler.state(),
                     "inflight": [p.id for p in inflight],
+                    "live_envs": api.state() if api is not None else {},
                     "before": before.to_dict(),
                 }
                 path = checkpoint.save(
@@ -223,16 +308,21 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
             if bound == 0 and step + 1 < cfg.steps:
                 pending = pool.submit(rollout, cluster, sampler.sample(n), tok, cache)
             metrics.update(ready.seconds)
+            metrics.update(joins)
             metrics.update(
                 step=float(step),
                 version=float(version),
-                groups_stale_dropped=float(stale),
                 staleness_max=float(max(staleness, default=0)),
+                refill_rounds=float(refills),
+                refill_prompts=float(refill_prompts),
+                **{f"staleness/{k}": float(staleness.count(k)) for k in sorted(set(staleness))},
+                **{stale_key: float(stale)},
                 step_seconds=time.perf_counter() - t0,
             )
             history.append(metrics)
             for key, value in metrics.items():
                 board.add_scalar(key, value, step)
+            exported.record(metrics)
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             prompts_file.write(json.dumps({"step": step, "prompts": [p.id for p in ready.prompts]}))
@@ -258,5 +348,4 @@ def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> R
     after = evaluate_heldout(cfg, model, tok, heldout, cluster.envs)
     log(describe("after ", after))
     board.close()
-    cluster.close()
     return RunSummary(before=before, after=after, history=history)

@@ -23,6 +23,7 @@ from inference_server.transformers_backend import TransformersEngine
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt, PromptSampler, read_jsonl
 from orchestrator.evaluate import EvalResult, evaluate_passk
+from orchestrator.prepare import PreparedStore
 from orchestrator.report import write_report
 from orchestrator.scoring import Scorer, score_groups
 from reward_envs.protocol import RewardResult
@@ -240,7 +241,7 @@ def _run_local(cfg: RunConfig, log: Any) -> RunSummary:
     out_dir = Path(cfg.output_dir)
     policy = Policy(cfg)
     trainer = Trainer(policy.model, cfg.trainer, pad_id=policy.tok.pad_token_id)
-    sampler = PromptSampler(cfg.datasets, cfg.seed)
+    sampler = PromptSampler(cfg.datasets, cfg.seed, store=PreparedStore.for_run(cfg, log))
     sampling = SamplingParams(
         n=cfg.rollout.group_size,
         temperature=cfg.rollout.temperature,
@@ -269,6 +270,7 @@ def _run_local(cfg: RunConfig, log: Any) -> RunSummary:
             if batch is not None:
                 metrics.update(trainer.train_step(batch))
             metrics.update(policy.push(trainer.version))
+            metrics.update(policy.envs.metrics())
             metrics.update(step=float(step), step_seconds=time.perf_counter() - t0)
             history.append(metrics)
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -310,7 +312,10 @@ def _run_on_ray(cfg: RunConfig, log: Any) -> RunSummary:
 
 
 def tokenize(tok: Any, p: Prompt, cache: dict[str, list[int]]) -> list[int]:
-    """``<s>`` + prompt token ids, tokenized once per prompt per run."""
+    """``<s>`` + prompt token ids: prepared ahead (``caravela data prepare``, or the
+    prefetcher), else tokenized once per prompt per run."""
+    if p.prompt_ids is not None:
+        return list(p.prompt_ids)
     if p.id not in cache:
         (cache[p.id],) = encode_prompts(tok, [p.text])
     return cache[p.id]

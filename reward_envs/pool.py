@@ -212,6 +212,10 @@ class EnvPool:
         """``stats`` as a plain dict (callable through a Ray actor handle)."""
         return dict(self.stats)
 
+    def score_counted(self, items: Sequence[Item]) -> tuple[list[RewardResult], dict[str, int]]:
+        """``score`` and the counters after it, in one call (one round trip to a Ray actor)."""
+        return self.score(items), self.counters()
+
     def pids(self) -> list[int]:
         """Worker process ids (for tests and monitoring)."""
         return [w.pid for w in self.workers]

@@ -5,12 +5,15 @@ item in order. ``LocalScorer`` runs one ``EnvPool`` per env in the caller's
 process (single-node runs, the CLI). ``RayScorer`` runs each env's pool as
 ``replicas`` Ray actors on the trainer nodes' CPUs (``trainer_node`` resource);
 items are split across an env's replicas, and the share of a replica that dies
-is re-sent to another, so no item is lost.
+is re-sent to another, so no item is lost. ``metrics()`` is what a run can log per
+step: the pools' counters (restarts, errors by kind), replicas alive and lost, items
+re-sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,16 @@ from reward_envs.pool import EnvPool
 from reward_envs.protocol import Item, RewardResult
 
 TRAINER_RESOURCE = "trainer_node"
+
+
+def pool_metrics(env: str, counters: Iterable[dict[str, int]]) -> dict[str, float]:
+    """The pools' ``counters()`` summed, as run totals: ``envs/<env>/items``, ``scored``,
+    ``restarts`` (workers restarted after a crash or timeout), ``errors`` and
+    ``errors/<kind>``."""
+    total: Counter[str] = Counter(dict.fromkeys(("items", "scored", "restarts", "errors"), 0))
+    for c in counters:
+        total.update(c)
+    return {f"envs/{env}/{k}": float(v) for k, v in sorted(total.items())}
 
 
 def prepare_spec(spec: EnvSpec) -> tuple[Manifest, BuiltEnv]:
@@ -51,6 +64,13 @@ class LocalScorer:
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: p.counters() for name, p in self.pools.items()}
 
+    def metrics(self) -> dict[str, float]:
+        """Each pool's counters as step metrics (``pool_metrics``)."""
+        out: dict[str, float] = {}
+        for name, p in self.pools.items():
+            out.update(pool_metrics(name, [p.counters()]))
+        return out
+
     def close(self) -> None:
         for p in self.pools.values():
             p.close()
@@ -69,17 +89,56 @@ class RayScorer:
                 f"'{{\"{TRAINER_RESOURCE}\": 1}}'` (the SLURM launcher does)"
             )
         self.replicas: dict[str, list[Any]] = {}
-        for spec in specs:
-            manifest, built = prepare_spec(spec)  # built on the driver, into the shared store
-            actor = ray.remote(
-                num_cpus=min(spec.workers, manifest.concurrency),
-                resources={TRAINER_RESOURCE: 1e-3},
-            )(EnvPool)
-            self.replicas[spec.name] = [
-                actor.remote(manifest, built, spec.workers, spec.timeout_s, log_dir)
-                for _ in range(spec.replicas)
-            ]
-        ray.get([h.pids.remote() for hs in self.replicas.values() for h in hs])
+        self.log_dir = log_dir
+        self.lost: Counter[str] = Counter()
+        """Replicas of each env that died (their items went to the others)."""
+        self.resent: Counter[str] = Counter()
+        """Items of each env re-sent to another replica because theirs died."""
+        self._counters: dict[str, dict[Any, dict[str, int]]] = {}
+        """env -> replica handle -> its pool's counters as of its last answer (kept after
+        it dies, so totals never go down)."""
+        try:
+            for spec in specs:
+                self.add(spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def add(self, spec: EnvSpec) -> None:
+        """Start ``spec.replicas`` pool actors for a new env and wait until they run (an env
+        registered during a run joins this way)."""
+        import ray
+
+        if spec.name in self.replicas:
+            raise ValueError(f"env {spec.name!r} is already scored by this run")
+        manifest, built = prepare_spec(spec)  # built on the driver, into the shared store
+        actor = ray.remote(
+            num_cpus=min(spec.workers, manifest.concurrency),
+            resources={TRAINER_RESOURCE: 1e-3},
+        )(EnvPool)
+        handles: list[Any] = [
+            actor.remote(manifest, built, spec.workers, spec.timeout_s, self.log_dir)
+            for _ in range(spec.replicas)
+        ]
+        try:
+            ray.get([h.pids.remote() for h in handles])
+        except BaseException:
+            for h in handles:
+                ray.kill(h)
+            raise
+        self.replicas[spec.name] = handles
+        self._counters[spec.name] = {}
+
+    def remove(self, env: str) -> None:
+        """Stop an env's pool actors (nothing of it may be in flight: the run drains it
+        first); its counters are dropped with it."""
+        import ray
+
+        handles = self.replicas.pop(env)
+        self._close(handles)
+        for h in handles:
+            ray.kill(h)
+        self._counters.pop(env, None)
 
     def score(self, env: str, items: Sequence[Item]) -> list[RewardResult]:
         import ray
@@ -95,18 +154,23 @@ class RayScorer:
                 raise RuntimeError(f"every pool actor of env {env!r} died; {len(todo)} unscored")
             shares = [todo[i :: len(live)] for i in range(len(live))]
             refs = {
-                h.score.remote([items[i] for i in share]): (h, share)
+                h.score_counted.remote([items[i] for i in share]): (h, share)
                 for h, share in zip(live, shares, strict=True)
                 if share
             }
             todo = []
             for ref, (h, share) in refs.items():
                 try:
-                    results.update(zip(share, ray.get(ref), strict=True))
+                    scored, counters = ray.get(ref)
                 except (ActorDiedError, ActorUnavailableError):
                     if h in self.replicas[env]:
                         self.replicas[env].remove(h)
+                        self.lost[env] += 1
+                    self.resent[env] += len(share)
                     todo += share  # re-sent to the replicas left
+                    continue
+                results.update(zip(share, scored, strict=True))
+                self._counters[env][h] = counters
         return [results[i] for i in range(len(items))]
 
     def stats(self) -> dict[str, list[dict[str, int]]]:
@@ -116,7 +180,31 @@ class RayScorer:
             env: ray.get([h.counters.remote() for h in hs]) for env, hs in self.replicas.items()
         }
 
-    def close(self) -> None:
-        import ray
+    def metrics(self) -> dict[str, float]:
+        """Per env: the pools' counters summed over every replica as of its last answer, a
+        dead replica's included (``pool_metrics``); ``envs/<env>/replicas_alive``,
+        ``replicas_lost`` and ``resent`` (items re-sent because their replica died). Asks no
+        actor: free to call every step."""
+        out: dict[str, float] = {}
+        for env, live in self.replicas.items():
+            out.update(pool_metrics(env, self._counters[env].values()))
+            out[f"envs/{env}/replicas_alive"] = float(len(live))
+            out[f"envs/{env}/replicas_lost"] = float(self.lost[env])
+            out[f"envs/{env}/resent"] = float(self.resent[env])
+        return out
 
-        ray.get([h.close.remote() for hs in self.replicas.values() for h in hs])
+    def close(self) -> None:
+        """Stop every live replica's workers (a replica that died since its last call is
+        skipped: its workers see their pipes close and exit)."""
+        self._close([h for hs in self.replicas.values() for h in hs])
+
+    @staticmethod
+    def _close(handles: list[Any]) -> None:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        for ref in [h.close.remote() for h in handles]:
+            try:
+                ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError):
+                pass

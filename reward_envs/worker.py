@@ -95,6 +95,24 @@ def _send(out: BinaryIO, msg: Hello | ScoreReply) -> None:
     out.flush()
 
 
+def _exit_with_parent(interval: float = 1.0) -> None:
+    """Exit when the pool that started this worker is gone. An idle worker sees stdin close;
+    one stuck in a hung scorer never reads it again and would outlive a killed pool."""
+    import threading
+    import time
+
+    parent = os.getppid()
+    if parent <= 1:  # started by init (a container's entry point): nothing to watch
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caravela_env_worker")
     p.add_argument("--env-dir", required=True)
@@ -102,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api", choices=["score", "batch", "trl"], default="score")
     args = p.parse_args(argv)
 
+    _exit_with_parent()
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the env's prints now land in stderr
     sys.stdout = sys.stderr

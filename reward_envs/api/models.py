@@ -91,6 +91,34 @@ _INLINE_EXAMPLE: dict[str, JsonValue] = {
 }
 
 
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class Mixture(_Model):
+    """How a registered env joins a running training run's prompt mixture."""
+
+    dataset: str = Field(min_length=1, max_length=4096)
+    """Absolute path of the prompts it scores (``.jsonl``, ``.json`` or ``.parquet`` rows
+    with ``id``, ``prompt`` and the env's fields) on the filesystem the run reads."""
+    weight: float = Field(1.0, gt=0.0, le=1e6)
+    """Sampling weight beside the run's other datasets."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        p = Path(v)
+        if "\0" in v or not p.is_absolute():
+            raise ValueError("must be an absolute path")
+        if p.suffix.lower() not in DATASET_SUFFIXES:
+            raise ValueError(f"must end in one of {', '.join(DATASET_SUFFIXES)}")
+        try:
+            if not p.is_file():
+                raise ValueError(f"{v} is not an existing file")
+            return str(p.resolve(strict=True))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{v} cannot be read ({e})") from None
+
+
 class RegisterRequest(_Model):
     """Body of ``POST /v1/envs``: an env directory on the shared filesystem, or an inline
     manifest with its files."""
@@ -108,6 +136,10 @@ class RegisterRequest(_Model):
     """Inline registration: file name (plain, relative, one directory at most) -> text."""
     isolation: Isolation | None = None
     """Override the manifest's isolation (``process`` runs in Caravela's own Python)."""
+    mixture: Mixture | None = None
+    """Train on it: a run with the env API on adds the env and its dataset to the prompt
+    mixture at its next step once the env is ``ready``, and drains it when it is deleted.
+    Without it the env can only be scored through ``/score``."""
 
     @field_validator("path")
     @classmethod
@@ -224,6 +256,8 @@ class EnvOut(_Model):
     """Canary examples scored differently than declared (status ``rejected``)."""
     error: str | None
     """Why the env is ``failed`` or ``rejected`` when no mismatch says it."""
+    mixture: Mixture | None
+    """Its dataset and weight in a running training run's mixture, if it trains."""
     created_at: datetime
     updated_at: datetime
 

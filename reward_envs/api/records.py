@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .models import Isolation, Mismatch, Status
+from .models import Isolation, Mismatch, Mixture, Status
 
 
 class EnvRecord(BaseModel):
@@ -31,6 +31,8 @@ class EnvRecord(BaseModel):
     build_hash: str | None = None
     mismatches: list[Mismatch] = []
     error: str | None = None
+    mixture: Mixture | None = None
+    """Dataset and weight with which a run trains on it (``RegisterRequest.mixture``)."""
     registration: str
     """Id of this registration; a job for a replaced one finds it changed and drops out."""
     created_at: datetime

@@ -29,7 +29,7 @@ from reward_envs.protocol import Item, RewardResult
 from . import admission
 from .inline import write_env
 from .metrics import ApiMetrics
-from .models import Isolation, effective_isolation, manifest_problems
+from .models import Isolation, Mixture, effective_isolation, manifest_problems
 from .records import EnvRecord, load_records, now, save_records
 from .settings import ApiSettings
 from .warm_pool import WarmPool
@@ -132,7 +132,13 @@ class Registry:
         return rec, False, planned, {}
 
     # -- changes ----------------------------------------------------------------------------
-    def register_path(self, path: Path, isolation: Isolation | None, replace: bool) -> EnvRecord:
+    def register_path(
+        self,
+        path: Path,
+        isolation: Isolation | None,
+        replace: bool,
+        mixture: Mixture | None = None,
+    ) -> EnvRecord:
         """Register the env directory ``path``; ``ValueError`` when its manifest is unfit."""
         try:
             manifest = load_manifest(path)
@@ -145,10 +151,15 @@ class Registry:
             problems.append(str(e))
         if problems:
             raise ValueError(f"{path / 'caravela-env.toml'}: {'; '.join(problems)}")
-        return self._register(manifest, path, "path", isolation, replace)
+        return self._register(manifest, path, "path", isolation, replace, mixture)
 
     def register_inline(
-        self, manifest: Manifest, files: dict[str, str], isolation: Isolation | None, replace: bool
+        self,
+        manifest: Manifest,
+        files: dict[str, str],
+        isolation: Isolation | None,
+        replace: bool,
+        mixture: Mixture | None = None,
     ) -> EnvRecord:
         """Write the manifest and files into the state dir and register that directory."""
         with self._lock:
@@ -156,7 +167,7 @@ class Registry:
                 raise EnvExists(manifest.name)
         env_dir = write_env(self.settings.inline_dir, manifest, files)
         try:
-            return self._register(manifest, env_dir, "inline", isolation, replace)
+            return self._register(manifest, env_dir, "inline", isolation, replace, mixture)
         except EnvExists:
             shutil.rmtree(env_dir, ignore_errors=True)
             raise
@@ -168,6 +179,7 @@ class Registry:
         source: Literal["path", "inline"],
         isolation: Isolation | None,
         replace: bool,
+        mixture: Mixture | None = None,
     ) -> EnvRecord:
         stamp = now()
         rec = EnvRecord(
@@ -178,6 +190,7 @@ class Registry:
             path=str(env_dir),
             isolation=effective_isolation(manifest, isolation),
             requirements=manifest.requirements,
+            mixture=mixture,
             registration=uuid.uuid4().hex,
             created_at=stamp,
             updated_at=stamp,

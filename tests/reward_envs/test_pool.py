@@ -149,3 +149,37 @@ def test_unimportable_env_is_a_start_error_naming_it(tmp_path):
 def test_fields_that_are_not_json_are_refused_up_front(chaos):
     with pytest.raises(ValueError, match="item 0 for env 'chaos': fields must be JSON"):
         chaos.score([Item("p", "ok", {"x": object()})])
+
+
+def test_a_worker_stuck_in_a_hung_scorer_exits_when_its_pool_is_killed(tmp_path):
+    """kill -9 of the process owning the pool (a Ray pool actor, in a run) while a worker is
+    stuck: the worker never reads stdin again, so it watches its parent and exits."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, threading
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+from tests.reward_envs.test_pool import pool_for, items
+pool = pool_for("chaos", workers=1, timeout_s=600)
+print(pool.pids()[0], flush=True)
+pool.score(items("sleep"))
+"""
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(owner.stdout.readline())
+    time.sleep(1.0)  # the item is in the worker's hands
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{worker}/stat") as f:  # a zombie has exited too
+            if f.read().split(") ")[1].startswith("Z"):
+                break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"worker {worker} outlived its pool by 15 s")

@@ -56,10 +56,12 @@ def register_env(
     ``GET /v1/envs/{name}`` until it is ``ready``, ``rejected`` or ``failed``."""
     try:
         if body.path is not None:
-            rec = registry.register_path(Path(body.path), body.isolation, replace)
+            rec = registry.register_path(Path(body.path), body.isolation, replace, body.mixture)
         else:
             assert body.manifest is not None
-            rec = registry.register_inline(body.manifest, body.files or {}, body.isolation, replace)
+            rec = registry.register_inline(
+                body.manifest, body.files or {}, body.isolation, replace, body.mixture
+            )
     except EnvExists as e:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
