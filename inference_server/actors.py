@@ -93,6 +93,7 @@ def start_engines(
                 dtype=dtype,
                 batch_size=backend.batch_size,
                 threads=max(1, int(backend.cpus_per_engine)),
+                seed=seed + i,
             )
     waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
     ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout_s)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from trainer.config import StrictModel
+from trainer.config import StrictModel, default_type
 
 
 class EngineActors(StrictModel):
@@ -68,3 +68,8 @@ class InferenceConfig(StrictModel):
 
     backend: InferenceBackend = Field(default_factory=TransformersBackend)
     """Generation backend; pick with ``backend.type`` = transformers | vllm."""
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_type_defaults_to_transformers(cls, v: object) -> object:
+        return default_type(v, "transformers")

@@ -146,6 +146,7 @@ class DirTransformersEngine(TransformersEngine):
         dtype: str = "float32",
         batch_size: int = 512,
         threads: int = 0,
+        seed: int | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,6 +155,8 @@ class DirTransformersEngine(TransformersEngine):
             raise FileNotFoundError(f"model dir {model_dir} has no config.json")
         if threads:
             torch.set_num_threads(threads)
+        if seed is not None:  # sampling draws from this process's RNG: a run repeats its seed
+            torch.manual_seed(seed)
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         super().__init__(model, tok, engine_id=engine_id, batch_size=batch_size)

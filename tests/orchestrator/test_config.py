@@ -118,3 +118,13 @@ def test_cli_help_lists_subcommands():
     assert p.returncode == 0
     for cmd in ("run", "config", "eval"):
         assert cmd in p.stdout
+
+
+def test_a_field_of_a_tagged_section_alone_means_the_default_choice():
+    cfg = load_config(overrides=["inference.backend.cpus_per_engine=1", "trainer.loss.tis_cap=2"])
+    assert (
+        cfg.inference.backend.type == "transformers" and cfg.inference.backend.cpus_per_engine == 1
+    )
+    assert cfg.trainer.loss.type == "grpo" and cfg.trainer.loss.tis_cap == 2
+    with pytest.raises(ConfigError, match="batch_size"):  # a field of another choice: named
+        load_config(overrides=["inference.backend={type='vllm', batch_size=3}"])
