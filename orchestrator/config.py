@@ -22,6 +22,9 @@ from reward_envs.config import EnvSpec, VenvIsolation
 from slurm.config import SlurmConfig
 from trainer.config import StrictModel, TrainerConfig
 
+DATASET_FORMATS = (".jsonl", ".json", ".parquet")
+"""File suffixes a prompt source may have (``orchestrator.data`` reads each)."""
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message says what to change."""
@@ -47,7 +50,7 @@ class DatasetSpec(StrictModel):
     @field_validator("path")
     @classmethod
     def _known_format(cls, path: Path) -> Path:
-        if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        if path.suffix.lower() not in DATASET_FORMATS:
             raise ValueError(
                 f"unsupported dataset format {path.suffix!r}; use a .jsonl, .json or .parquet file"
             )

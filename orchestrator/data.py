@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import DatasetSpec
+from orchestrator.config import DATASET_FORMATS, DatasetSpec
 
 if TYPE_CHECKING:
     from orchestrator.prepare import PreparedStore, TokenTable
 
-FORMATS = (".jsonl", ".json", ".parquet")
 _MISSING: Any = object()
 
 
@@ -54,8 +53,10 @@ def read_prompts(
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise ValueError(f"{path}: unsupported dataset format {suffix!r}; use one of {FORMATS}")
+    if suffix not in DATASET_FORMATS:
+        raise ValueError(
+            f"{path}: unsupported dataset format {suffix!r}; use one of {DATASET_FORMATS}"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"dataset file {path} not found (relative dataset paths are to the config file)"

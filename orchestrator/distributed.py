@@ -169,21 +169,21 @@ def handle_stale(r: Rollout, version: int, bound: int, how: str) -> tuple[Rollou
     ]
     if how == "tis" or not stale:
         return r, len(stale)
-    return select(r, [i for i in range(len(r.results)) if i not in set(stale)]), len(stale)
+    fresh = [i for i in range(len(r.results)) if i not in set(stale)]
+    return select(r, fresh), len(stale)
 
 
 def teaching_groups(r: Rollout, cfg: RunConfig) -> int:
     """Groups ``build_batch`` will train on: every completion scored, and (when zero-variance
-    groups are dropped) not all rewards equal."""
-    n = 0
-    for group in r.scores:
-        values = [s.score for s in group]
-        if any(v is None for v in values):
-            continue
-        if cfg.advantage.drop_zero_variance and len(set(values)) <= 1:
-            continue
-        n += 1
-    return n
+    groups are dropped) not all rewards equal (``trainer.advantages``' own test)."""
+    import torch
+
+    from trainer.advantages import zero_variance_groups
+
+    scored = [[s.score for s in g] for g in r.scores if all(s.score is not None for s in g)]
+    if not scored or not cfg.advantage.drop_zero_variance:
+        return len(scored)
+    return len(scored) - int(zero_variance_groups(torch.tensor(scored)).sum())
 
 
 def run_distributed(cfg: RunConfig, model: Any, tok: Any, log: Any = print) -> RunSummary:

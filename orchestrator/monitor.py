@@ -52,18 +52,19 @@ class Gauges:
     """``ray.util.metrics.Gauge`` objects made on first use, one per name."""
 
     def __init__(self, default_tags: Mapping[str, str] | None = None) -> None:
+        from ray.util.metrics import Gauge
+
+        self._gauge_type = Gauge
         self.default_tags = dict(default_tags or {})
         self._gauges: dict[str, Any] = {}
 
     def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
-        from ray.util.metrics import Gauge
-
         if not math.isfinite(value):
             return  # a missing reading (no scored group this step) is not a value
         tags = {**self.default_tags, **(tags or {})}
         gauge = self._gauges.get(name)
         if gauge is None:
-            gauge = Gauge(name, description=name, tag_keys=tuple(sorted(tags)))
+            gauge = self._gauge_type(name, description=name, tag_keys=tuple(sorted(tags)))
             self._gauges[name] = gauge
         gauge.set(float(value), tags=tags)
 

@@ -149,9 +149,11 @@ class Trainer:
                     sums[k] = max(sums.get(k, v), v)
                 else:
                     sums[k] = sums.get(k, 0.0) + v * n
-        for _ in range(idle):  # a pass that changes no gradient, matching the others' passes
-            logps, _ = self.policy(self.layout(batch, [0])[0])
-            (logps.sum() * 0.0).backward()
+        if idle:  # passes that change no gradient, matching the other ranks' passes
+            (spare,) = self.layout(batch, [0])
+            for _ in range(idle):
+                logps, _ = self.policy(spare)
+                (logps.sum() * 0.0).backward()
         tokens = float(sum(mb.real_tokens for mb in micro))
         if self.world > 1:
             total_loss, sums = self._all_reduce(total_loss, sums, grads=not self.sharded)

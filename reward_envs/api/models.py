@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -94,6 +95,21 @@ _INLINE_EXAMPLE: dict[str, JsonValue] = {
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def existing_path(v: str, problem: Callable[[Path], str | None]) -> str:
+    """``v`` resolved, when it is an absolute path in which ``problem`` finds nothing wrong
+    (``problem`` returns what is wrong, or None); every failure is a ``ValueError``."""
+    p = Path(v)
+    if "\0" in v or not p.is_absolute():
+        raise ValueError("must be an absolute path")
+    try:
+        wrong = problem(p)
+        if wrong is not None:
+            raise ValueError(wrong)
+        return str(p.resolve(strict=True))
+    except (OSError, RuntimeError) as e:  # too long, no permission, a symlink loop
+        raise ValueError(f"{v} cannot be read ({e})") from None
+
+
 class Mixture(_Model):
     """How a registered env joins a running training run's prompt mixture."""
 
@@ -106,17 +122,9 @@ class Mixture(_Model):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
-        p = Path(v)
-        if "\0" in v or not p.is_absolute():
-            raise ValueError("must be an absolute path")
-        if p.suffix.lower() not in DATASET_SUFFIXES:
+        if Path(v).suffix.lower() not in DATASET_SUFFIXES:
             raise ValueError(f"must end in one of {', '.join(DATASET_SUFFIXES)}")
-        try:
-            if not p.is_file():
-                raise ValueError(f"{v} is not an existing file")
-            return str(p.resolve(strict=True))
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{v} cannot be read ({e})") from None
+        return existing_path(v, lambda p: None if p.is_file() else f"{v} is not an existing file")
 
 
 class RegisterRequest(_Model):
@@ -146,17 +154,13 @@ class RegisterRequest(_Model):
     def _path(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        p = Path(v)
-        if "\0" in v or not p.is_absolute():
-            raise ValueError("must be an absolute path")
-        try:
+
+        def problem(p: Path) -> str | None:
             if not p.is_dir():
-                raise ValueError(f"{v} is not an existing directory")
-            if not (p / MANIFEST_FILE).is_file():
-                raise ValueError(f"{v} holds no {MANIFEST_FILE}")
-            return str(p.resolve(strict=True))
-        except (OSError, RuntimeError) as e:  # too long, no permission, a symlink loop
-            raise ValueError(f"{v} cannot be read ({e})") from None
+                return f"{v} is not an existing directory"
+            return None if (p / MANIFEST_FILE).is_file() else f"{v} holds no {MANIFEST_FILE}"
+
+        return existing_path(v, problem)
 
     @field_validator("manifest")
     @classmethod
