@@ -34,6 +34,61 @@ def inference_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(INFERENCE_RESOURCE)]
 
 
+def engine_class(backend: InferenceBackend) -> type:
+    """The plain engine class of ``backend`` (imported only when asked for)."""
+    if backend.type == "vllm":
+        from inference_server.vllm_backend import VLLMEngine
+
+        return VLLMEngine
+    from inference_server.transformers_backend import DirTransformersEngine
+
+    return DirTransformersEngine
+
+
+def engine_args(
+    backend: InferenceBackend,
+    dtype: str,
+    seed: int,
+    count: int,
+    max_model_len: int | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """(engine id, constructor keywords after ``model_dir``) of ``count`` engines: the same
+    for Ray actors (``start_engines``) and in-process engines (``start_local_engines``)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i in range(count):
+        if backend.type == "vllm":
+            eid = f"vllm-{i}"
+            kwargs: dict[str, Any] = {
+                "tensor_parallel_size": backend.tensor_parallel_size,
+                "gpu_memory_utilization": backend.gpu_memory_utilization,
+                "cpu_kvcache_gib": backend.cpu_kvcache_gib,
+                "max_model_len": max_model_len,
+                "inflight_on_update": backend.inflight_on_update,
+                "compile": backend.compile,
+            }
+        else:
+            eid = f"hf-{i}"
+            kwargs = {
+                "batch_size": backend.batch_size,
+                "threads": max(1, int(backend.cpus_per_engine)),
+            }
+        out.append((eid, {"engine_id": eid, "dtype": dtype, "seed": seed + i, **kwargs}))
+    return out
+
+
+def start_local_engines(
+    backend: InferenceBackend, model_dir: Path, dtype: str = "float32", seed: int = 0
+) -> dict[str, Any]:
+    """One engine in this process (``cluster.mode = "local"``); id -> the engine object."""
+    cls = engine_class(backend)
+    engines = {}
+    for eid, kw in engine_args(backend, dtype, seed, 1):
+        if backend.type == "transformers":
+            kw["threads"] = 0  # torch's thread count is the process's: the trainer's too
+        engines[eid] = cls(Path(model_dir), **kw)
+    return engines
+
+
 def start_engines(
     backend: InferenceBackend,
     model_dir: Path,
@@ -56,45 +111,17 @@ def start_engines(
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     per = backend.engines_per_node
     gpus_per_engine = (backend.tensor_parallel_size if backend.type == "vllm" else 1) if gpus else 0
-    opts: dict[str, Any] = {
-        "num_cpus": backend.cpus_per_engine,
-        "resources": {INFERENCE_RESOURCE: 1.0 / per},
-        "max_concurrency": ACTOR_CONCURRENCY,
+    cls = engine_class(backend)
+    actor = ray.remote(
+        num_gpus=gpus_per_engine,
+        num_cpus=backend.cpus_per_engine,
+        resources={INFERENCE_RESOURCE: 1.0 / per},
+        max_concurrency=ACTOR_CONCURRENCY,
+    )(cls)
+    handles = {
+        eid: actor.remote(Path(model_dir), **kwargs)
+        for eid, kwargs in engine_args(backend, dtype, seed, len(nodes) * per, max_model_len)
     }
-    count = len(nodes) * per
-    handles: dict[str, Any] = {}
-    if backend.type == "vllm":
-        from inference_server.vllm_backend import VLLMEngine
-
-        vllm_actor = ray.remote(num_gpus=gpus_per_engine, **opts)(VLLMEngine)
-        for i in range(count):
-            eid = f"vllm-{i}"
-            handles[eid] = vllm_actor.remote(
-                Path(model_dir),
-                engine_id=eid,
-                dtype=dtype,
-                seed=seed + i,
-                tensor_parallel_size=backend.tensor_parallel_size,
-                gpu_memory_utilization=backend.gpu_memory_utilization,
-                cpu_kvcache_gib=backend.cpu_kvcache_gib,
-                max_model_len=max_model_len,
-                inflight_on_update=backend.inflight_on_update,
-                compile=backend.compile,
-            )
-    else:
-        from inference_server.transformers_backend import DirTransformersEngine
-
-        hf_actor = ray.remote(num_gpus=gpus_per_engine, **opts)(DirTransformersEngine)
-        for i in range(count):
-            eid = f"hf-{i}"
-            handles[eid] = hf_actor.remote(
-                Path(model_dir),
-                engine_id=eid,
-                dtype=dtype,
-                batch_size=backend.batch_size,
-                threads=max(1, int(backend.cpus_per_engine)),
-                seed=seed + i,
-            )
     waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
     ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout_s)
     late = sorted(waiting[r] for r in set(waiting) - set(ready))

@@ -1,4 +1,8 @@
-"""Spread generation over engine actors; survive an engine dying; push weights to all.
+"""Spread generation over engines; survive an engine dying; push weights to all.
+
+Two routers with one interface (``generate``, ``update_weights``, ``probe``,
+``metrics``, ``close``): ``EngineRouter`` over Ray engine actors, and ``LocalRouter``
+over an engine object in the driver's own process (``cluster.mode = "local"``).
 
 The router is a plain object in the driver holding Ray actor handles. Each
 request goes to the live engine with the least outstanding work (sampled
@@ -19,8 +23,8 @@ from typing import Any
 
 import torch
 
+from common.weights import HostState
 from inference_server.protocol import GenerateRequest, GenerateResult
-from inference_server.weights import HostState
 
 
 class EngineUnavailable(RuntimeError):
@@ -147,3 +151,62 @@ class EngineRouter:
     def versions(self) -> dict[str, int]:
         """Weight version each live engine serves."""
         return self._all(lambda h: h.served_version.remote())
+
+    def close(self) -> None:
+        """Nothing to do: the engine actors end with the Ray cluster."""
+
+
+class LocalRouter:
+    """The ``EngineRouter`` interface over engine objects in this process (no Ray)."""
+
+    def __init__(self, engines: Mapping[str, Any]) -> None:
+        if not engines:
+            raise ValueError("a router needs at least one engine")
+        self.engines = dict(engines)
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Results in request order; several engines take turns by request."""
+        engines = list(self.engines.values())
+        shares = [list(requests[i :: len(engines)]) for i in range(len(engines))]
+        done = {
+            res.request_id: res
+            for engine, share in zip(engines, shares, strict=True)
+            if share
+            for res in engine.generate(share)
+        }
+        return [done[r.request_id] for r in requests]
+
+    def update_weights(
+        self,
+        version: int,
+        state: Mapping[str, torch.Tensor] | HostState,
+        bucket_bytes: int = 1 << 20,
+    ) -> dict[str, float]:
+        """Load ``state`` as ``version`` into every engine."""
+        import time
+
+        t0 = time.perf_counter()
+        per = [e.update_weights(version, state, bucket_bytes) for e in self.engines.values()]
+        pause = max(m.get("weight_sync/pause_seconds", 0.0) for m in per)
+        return {
+            "weight_sync/seconds": time.perf_counter() - t0,
+            "weight_sync/engines": float(len(per)),
+            "weight_sync/pause_seconds": pause,
+        }
+
+    def probe(
+        self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
+    ) -> float:
+        """Max probe difference over the engines; raises if any engine is off."""
+        return max(e.probe(sequences, expected, tol) for e in self.engines.values())
+
+    def metrics(self) -> dict[str, float]:
+        return {"engines/alive": float(len(self.engines)), "engines/dead": 0.0}
+
+    def versions(self) -> dict[str, int]:
+        return {eid: e.served_version() for eid, e in self.engines.items()}
+
+    def close(self) -> None:
+        """Stop engine processes (vLLM) now, not at interpreter exit."""
+        for e in self.engines.values():
+            e.shutdown()

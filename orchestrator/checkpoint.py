@@ -1,22 +1,23 @@
 """Run checkpoints for exact resume, and the two ways to ask for one.
 
 A checkpoint is ``<run>/checkpoints/step-NNNNNN/`` holding ``trainer.pt`` (rank 0:
-model, optimizer, scheduler, RNG, version) and ``driver.json`` (next step, version,
-the prompt sampler's state, the ids of prompts drawn but not yet trained on, the
-"before" evaluation). It is written into a ``.tmp`` directory renamed into place
-when complete, then ``LATEST`` is replaced atomically: a crash mid-write leaves the
-previous checkpoint in charge, never a half one. On request: SIGUSR1 to the driver,
+model, optimizer, scheduler, RNG, version) and ``driver.json`` (``DriverState``: next
+step, version, the prompt sampler's state, the ids of prompts drawn but not yet trained
+on, the envs that joined, the "before" evaluation). It is written into a ``.tmp``
+directory renamed into place when complete, then ``LATEST`` is replaced atomically: a
+crash mid-write leaves the previous checkpoint in charge, never a half one. On request: SIGUSR1 to the driver,
 or a file ``CHECKPOINT`` in the run directory (removed once served).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 from pathlib import Path
 from typing import Any
+
+from orchestrator.protocol import DriverState
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -27,15 +28,21 @@ def latest(run_dir: Path) -> Path | None:
     return path if (path / "driver.json").exists() else None
 
 
-def save(run_dir: Path, step: int, driver: dict[str, Any], trainers: Any, keep: int) -> Path:
-    """Write checkpoint ``step`` (the next step to run) and make it the latest."""
+def load(path: Path) -> DriverState:
+    """The driver's state in checkpoint ``path``."""
+    return DriverState.model_validate_json((Path(path) / "driver.json").read_text())
+
+
+def save(run_dir: Path, driver: DriverState, trainers: Any, keep: int) -> Path:
+    """Write the checkpoint of ``driver.step`` (the next step to run) and make it the latest;
+    ``trainers`` (a trainer group) writes ``trainer.pt``."""
     root = Path(run_dir) / "checkpoints"
-    name = f"step-{step:06d}"
+    name = f"step-{driver.step:06d}"
     tmp = root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     trainers.save(tmp / "trainer.pt")
-    (tmp / "driver.json").write_text(json.dumps({"step": step, **driver}))
+    (tmp / "driver.json").write_text(driver.model_dump_json())
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

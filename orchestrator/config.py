@@ -16,11 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from common import paths
+from common.config import StrictModel
 from inference_server.config import InferenceConfig
-from orchestrator import paths
 from reward_envs.config import EnvSpec, VenvIsolation
 from slurm.config import SlurmConfig
-from trainer.config import StrictModel, TrainerConfig
+from trainer.config import TrainerConfig
 
 DATASET_FORMATS = (".jsonl", ".json", ".parquet")
 """File suffixes a prompt source may have (``orchestrator.data`` reads each)."""
@@ -111,7 +112,8 @@ class ClusterConfig(StrictModel):
 
     mode: Literal["ray", "local"] = "ray"
     """ray: engines, trainer ranks and env pools are Ray actors placed by node role (a
-    private local cluster unless ``address`` is set). local: one process, no Ray."""
+    private local cluster unless ``address`` is set). local: the same loop in one process,
+    no Ray (one trainer rank, one engine, one pool per env)."""
     address: str | None = None
     """Join this running Ray cluster (``host:port``; the SLURM launcher's) instead of
     starting a local one."""
@@ -194,9 +196,9 @@ class RunConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Ray cluster: local (embedded default) or joined; or no Ray at all."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    """Checkpoints (distributed runs)."""
+    """Checkpoints and ``--resume``."""
     env_api: EnvApiConfig = Field(default_factory=EnvApiConfig)
-    """Live env registration during the run (distributed runs)."""
+    """Live env registration during the run."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     """Job layout for ``caravela slurm render|submit``."""
     resume: bool = False
@@ -209,6 +211,32 @@ class RunConfig(StrictModel):
                 "rollout.stale = 'tis' corrects stale samples with truncated importance "
                 "sampling, which needs trainer.loss.tis_cap (e.g. 2.0); set it, or use "
                 "rollout.stale = 'drop'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _local_is_one_process(self) -> RunConfig:
+        if self.cluster.mode != "local":
+            return self
+        needs_ray = [
+            f"trainer.ranks_per_node = {self.trainer.ranks_per_node}"
+            if self.trainer.ranks_per_node > 1
+            else "",
+            f"inference.backend.engines_per_node = {self.inference.backend.engines_per_node}"
+            if self.inference.backend.engines_per_node > 1
+            else "",
+            *(
+                f"envs[{i}].replicas = {e.replicas}"
+                for i, e in enumerate(self.envs)
+                if e.replicas > 1
+            ),
+            f"cluster.address = {self.cluster.address!r}" if self.cluster.address else "",
+        ]
+        if any(needs_ray):
+            raise ValueError(
+                "cluster.mode = 'local' runs one trainer rank, one engine and one pool per env "
+                f"in this process, so {', '.join(x for x in needs_ray if x)} needs "
+                "cluster.mode = 'ray' (or set those back to 1 / unset)"
             )
         return self
 

@@ -21,6 +21,9 @@ import torch
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.tokens import encode_prompts
 from inference_server.transformers_backend import TransformersEngine
+from orchestrator.config import RunConfig
+from orchestrator.data import Prompt, read_jsonl
+from orchestrator.scoring import Scorer
 from reward_envs.protocol import Item
 
 BatchScore = Callable[[list[Item]], list[float | None]]
@@ -117,4 +120,35 @@ def evaluate_passk(
         n_prompts=n,
         k=k,
         errors=errors,
+    )
+
+
+def evaluate_heldout(cfg: RunConfig, model: Any, tok: Any, scorer: Scorer) -> EvalResult:
+    """Greedy, sampled pass@1 and pass@k of ``model`` on the run's held-out prompts, scored
+    by the env they belong to."""
+    heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
+    by_env: dict[str, list[Prompt]] = {}
+    for p in heldout:
+        by_env.setdefault(p.env or cfg.datasets[0].env, []).append(p)
+    if len(by_env) != 1:
+        raise ValueError("held-out evaluation takes prompts of one env; split the file")
+    env, prompts = next(iter(by_env.items()))
+    rows = [{"prompt": p.text, **p.fields} for p in prompts]
+    return evaluate_passk(
+        model,
+        tok,
+        rows,
+        lambda items: [r.score for r in scorer.score(env, items)],
+        k=cfg.eval.k,
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=cfg.seed,
+    )
+
+
+def describe(name: str, r: EvalResult) -> str:
+    """One log line of an evaluation."""
+    return (
+        f"{name}: greedy {r.greedy_acc:.3f}  pass@1 {r.pass1:.3f}  pass@{r.k} {r.passk:.3f}"
+        f"  ({r.n_prompts} held-out prompts)"
     )

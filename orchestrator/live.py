@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import DatasetSpec, RunConfig
+from orchestrator.protocol import LiveEnv
 from reward_envs.config import EnvSpec
 
 
@@ -52,7 +53,7 @@ class LiveEnvs:
                     "env_api.port); see the log above"
                 )
             time.sleep(0.05)
-        self.joined: dict[str, dict[str, Any]] = {}
+        self.joined: dict[str, LiveEnv] = {}
         """Env name -> what joined: registration id, env dir, isolation, dataset, weight."""
         self.refused: dict[str, str] = {}
         """Env name -> registration id that could not join (not retried until replaced)."""
@@ -68,7 +69,7 @@ class LiveEnvs:
         left = joined = 0
         for name, j in list(self.joined.items()):
             rec = records.get(name)
-            if rec is None or rec.registration != j["registration"]:
+            if rec is None or rec.registration != j.registration:
                 self._leave(name)
                 left += 1
                 self.log(f"step {step}: env {name!r} left the mixture (drained)")
@@ -84,13 +85,13 @@ class LiveEnvs:
                 self.refused[name] = rec.registration
                 self.log(f"env {name!r} is one of the run's configured envs; not joined twice")
                 continue
-            entry = {
-                "registration": rec.registration,
-                "path": rec.path,
-                "isolation": rec.isolation,
-                "dataset": rec.mixture.dataset,
-                "weight": rec.mixture.weight,
-            }
+            entry = LiveEnv(
+                registration=rec.registration,
+                path=rec.path,
+                isolation=rec.isolation,
+                dataset=rec.mixture.dataset,
+                weight=rec.mixture.weight,
+            )
             try:
                 self._join(name, entry)
             except Exception as e:  # a dataset that does not parse, a pool that does not start
@@ -107,18 +108,18 @@ class LiveEnvs:
             "live_envs_left": float(left),
         }
 
-    def _join(self, name: str, entry: dict[str, Any]) -> None:
+    def _join(self, name: str, entry: LiveEnv) -> None:
         api = self.cfg.env_api
         spec = EnvSpec.model_validate(
             {
                 "name": name,
-                "path": entry["path"],
-                "isolation": {"type": entry["isolation"]},
+                "path": entry.path,
+                "isolation": {"type": entry.isolation},
                 "workers": api.workers,
                 "replicas": api.replicas,
             }
         )
-        dataset = DatasetSpec(path=Path(entry["dataset"]), env=name, weight=entry["weight"])
+        dataset = DatasetSpec(path=entry.dataset, env=name, weight=entry.weight)
         self.scorer.add(spec)
         try:
             self.sampler.add(dataset)
@@ -132,11 +133,11 @@ class LiveEnvs:
         self.scorer.remove(name)
         del self.joined[name]
 
-    def state(self) -> dict[str, dict[str, Any]]:
+    def state(self) -> dict[str, LiveEnv]:
         """The joined envs, for the driver's checkpoint."""
         return dict(self.joined)
 
-    def restore(self, joined: dict[str, dict[str, Any]]) -> None:
+    def restore(self, joined: dict[str, LiveEnv]) -> None:
         """Re-join the envs a checkpoint had (before the sampler's state is restored)."""
         for name, entry in joined.items():
             self._join(name, entry)

@@ -37,8 +37,9 @@ def pool_metrics(env: str, counters: Iterable[dict[str, int]]) -> dict[str, floa
 
 
 def prepare_spec(spec: EnvSpec) -> tuple[Manifest, BuiltEnv]:
-    """The env's manifest and its build (found in the store or built now)."""
-    return load_manifest(spec.path), prepare(spec.path, spec.isolation)
+    """The env's manifest and its build (found in the store or built now), under the isolation
+    the config sets, else the manifest's."""
+    return load_manifest(spec.path), prepare(spec.path, spec.resolved_isolation())
 
 
 class LocalScorer:
@@ -46,15 +47,26 @@ class LocalScorer:
 
     def __init__(self, specs: Sequence[EnvSpec], log_dir: Path | None = None) -> None:
         self.pools: dict[str, EnvPool] = {}
+        self.log_dir = log_dir
         try:
             for spec in specs:
-                manifest, built = prepare_spec(spec)
-                self.pools[spec.name] = EnvPool(
-                    manifest, built, spec.workers, spec.timeout_s, log_dir=log_dir
-                )
+                self.add(spec)
         except BaseException:
             self.close()
             raise
+
+    def add(self, spec: EnvSpec) -> None:
+        """Start a pool for a new env (an env registered during a run joins this way)."""
+        if spec.name in self.pools:
+            raise ValueError(f"env {spec.name!r} is already scored by this run")
+        manifest, built = prepare_spec(spec)
+        self.pools[spec.name] = EnvPool(
+            manifest, built, spec.workers, spec.timeout_s, log_dir=self.log_dir
+        )
+
+    def remove(self, env: str) -> None:
+        """Stop an env's pool (nothing of it may be in flight: the run drains it first)."""
+        self.pools.pop(env).close()
 
     def score(self, env: str, items: Sequence[Item]) -> list[RewardResult]:
         if env not in self.pools:

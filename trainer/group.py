@@ -1,4 +1,5 @@
-"""The trainer group: data-parallel ranks as Ray actors on the trainer nodes.
+"""The trainer group: data-parallel ranks as Ray actors on the trainer nodes, or one rank in
+the driver's process.
 
 ``TrainerRank`` is a plain class (one rank: model, ``Trainer``, membership of the
 ``torch.distributed`` group: gloo on CPU, NCCL on GPU); ``TrainerGroup`` makes it
@@ -7,6 +8,8 @@ a Ray actor in one place, ``ranks_per_node`` per node offering the
 calls out. Every rank gets the whole batch and trains its share (``Trainer``);
 rank 0 exports the weights for the engines as a ``HostState`` that stays in
 Ray's object store (the engines fetch it from there, not through the driver).
+``LocalTrainerGroup`` is the same interface over one ``TrainerRank`` in this process
+(``cluster.mode = "local"``): no process group, the weights handed over directly.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from inference_server.weights import HostState, weights_checksum
+from common.weights import HostState, weights_checksum
 from trainer.config import TrainerConfig
 from trainer.logprobs import sequence_logprobs
 from trainer.protocol import TrainBatch
@@ -62,6 +65,13 @@ class TrainerRank:
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
         )
+        self.trainer = Trainer(self.model, self.cfg, pad_id=self.tok.pad_token_id)
+        return self.rank
+
+    def alone(self) -> int:
+        """Build the trainer without a process group (the only rank, in the driver)."""
+        from trainer.trainer import Trainer
+
         self.trainer = Trainer(self.model, self.cfg, pad_id=self.tok.pad_token_id)
         return self.rank
 
@@ -158,6 +168,13 @@ class TrainerGroup:
         """An object ref to rank 0's weights (kept in the object store)."""
         return self._collective("host_state", names)
 
+    def state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Rank 0's weights ``names``, here (the driver's final evaluation)."""
+        import ray
+
+        state: HostState = ray.get(self.host_state(names))
+        return state.tensors()
+
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         import ray
 
@@ -183,3 +200,36 @@ class TrainerGroup:
         import ray
 
         return ray.get([r.node.remote() for r in self.ranks])
+
+
+class LocalTrainerGroup:
+    """The ``TrainerGroup`` interface over one rank in this process."""
+
+    def __init__(self, model_dir: Path, cfg: TrainerConfig) -> None:
+        self.rank = TrainerRank(Path(model_dir), cfg, rank=0, world=1)
+        self.rank.alone()
+        self.world = 1
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self.rank.train_step(batch)
+
+    def host_state(self, names: list[str]) -> HostState:
+        """The weights engines serve, handed over as they are (no copy until loaded)."""
+        state = self.rank.host_state(names)
+        assert state is not None  # rank 0
+        return state
+
+    def state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return self.host_state(names).tensors()
+
+    def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        return self.rank.logprobs(sequences)
+
+    def save(self, path: Path) -> None:
+        self.rank.save(str(path))
+
+    def load(self, path: Path) -> int:
+        return self.rank.load(str(path))
+
+    def checksums(self) -> list[str]:
+        return [self.rank.checksum()]

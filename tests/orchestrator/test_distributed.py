@@ -6,7 +6,8 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.data import PromptSampler
-from orchestrator.loop import build_batch, load_policy
+from orchestrator.loop import load_policy
+from orchestrator.rollout import build_batch, rollout, sampling_params
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
     import ray
 
     from inference_server.weights import served_shapes
-    from orchestrator.distributed import Cluster, rollout
+    from orchestrator.parts import ray_parts
 
     cfg = load_config(
         overrides=[
@@ -41,14 +42,14 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
         ]
     )
     model, tok = load_policy(cfg)
-    run = Cluster(cfg, model, tok)
+    run = ray_parts(cfg, tok)
     try:
         inference = {n.node_id for n in cluster[:2]}
         trainer = {n.node_id for n in cluster[2:]}
         engine_nodes = ray.get(
             [
                 h.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
-                for h in run.engines.values()
+                for h in run.engines.engines.values()
             ]
         )
         assert set(engine_nodes) == inference and len(engine_nodes) == 2
@@ -56,16 +57,18 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
         names = sorted(served_shapes(cfg.model))
         sampler = PromptSampler(cfg.datasets, cfg.seed)
         for step in range(3):
-            r = rollout(run, sampler.sample(cfg.rollout.prompts_per_step), tok, {})
-            assert {c.engine_id for res in r.results for c in res.completions} == set(run.engines)
-            batch, _ = build_batch(step, r.prompts, r.requests, r.results, r.scores, cfg)
+            prompts = sampler.sample(cfg.rollout.prompts_per_step)
+            r = rollout(run.engines, run.scorer, sampling_params(cfg), prompts, tok, {})
+            engine_ids = {c.engine_id for res in r.results for c in res.completions}
+            assert engine_ids == set(run.engines.engines)
+            batch, _ = build_batch(step, r, cfg)
             assert batch is not None
             run.trainers.train_step(batch)
             metrics = run.push(step + 1)
             assert metrics["weight_sync/probe_max_diff"] < 1e-4
-            assert run.router.versions() == dict.fromkeys(run.engines, step + 1)
+            assert run.engines.versions() == dict.fromkeys(run.engines.engines, step + 1)
             ranks = run.trainers.checksums()
-            engines = ray.get([h.checksum.remote() for h in run.engines.values()])
+            engines = ray.get([h.checksum.remote() for h in run.engines.engines.values()])
             trained = ray.get(run.trainers.host_state(names)).tensors()
             assert len(set(ranks)) == 1  # the two ranks stayed identical
             assert len(set(engines)) == 1  # ... and every engine serves the same weights

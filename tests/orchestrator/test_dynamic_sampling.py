@@ -10,7 +10,7 @@ import pytest
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult
 from orchestrator.config import ConfigError, load_config
 from orchestrator.data import Prompt
-from orchestrator.distributed import Rollout, handle_stale, merge, teaching_groups
+from orchestrator.rollout import Rollout, handle_stale, merge, teaching_groups
 from reward_envs.protocol import RewardResult
 
 
@@ -82,11 +82,13 @@ def test_stale_tis_without_a_cap_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_refill_tops_up_steps_with_fresh_prompts(tmp_path):
+@pytest.mark.parametrize("mode", ["ray", "local"])
+def test_refill_tops_up_steps_with_fresh_prompts(tmp_path, mode):
     """With G = 2 about half the tiny model's groups have equal rewards; refill rounds draw
     new prompts until 8 groups teach, and every prompt a step used is logged, none twice."""
     caravela = str(Path(sys.executable).parent / "caravela")
     sets = [
+        f"cluster.mode={mode}",
         "steps=4",
         "rollout.prompts_per_step=8",
         "rollout.group_size=2",

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import paths
+from common import paths
 from orchestrator.config import RunConfig, load_config
 from reward_envs.builtin.arith.env import score as arith_score
 
@@ -165,12 +165,9 @@ def configure(out: Path, *sets: str) -> RunConfig:
 
 
 def run(cfg: RunConfig) -> None:
-    from orchestrator.distributed import run_distributed
-    from orchestrator.loop import load_policy
+    from orchestrator.loop import run as run_loop
 
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model, tok = load_policy(cfg)
-    run_distributed(cfg, model, tok, log=lambda *_: None)
+    run_loop(cfg, log=lambda *_: None)  # on the module's cluster, which it leaves running
 
 
 def check_every_step(

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.paths import ARITH_ENV, TINY_TRAIN
+from common.paths import ARITH_ENV, TINY_TRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,8 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> No
         time.sleep(0.3)
 
 
-def test_env_registered_mid_run_joins_and_deleted_env_drains(tmp_path):
+@pytest.mark.parametrize("mode", ["ray", "local"])
+def test_env_registered_mid_run_joins_and_deleted_env_drains(tmp_path, mode):
     # a second env: the arith scorer under another name, with its own dataset
     env_dir = tmp_path / "sumcheck"
     shutil.copytree(ARITH_ENV, env_dir)
@@ -51,6 +52,7 @@ def test_env_registered_mid_run_joins_and_deleted_env_drains(tmp_path):
 
     out, port = tmp_path / "run", free_port()
     sets = [
+        f"cluster.mode={mode}",
         "steps=40",
         "rollout.prompts_per_step=8",
         "eval.num_prompts=8",

@@ -1,5 +1,6 @@
 """Kill -9 of the driver mid-run, then ``caravela run --resume``: the resumed run trains on
-exactly the prompts, step by step, that an uninterrupted run trains on."""
+exactly the prompts, step by step, that an uninterrupted run trains on. The same test on
+Ray and in one process (``cluster.mode``): one loop."""
 
 import json
 import os
@@ -14,9 +15,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def command(out: Path, *extra: str) -> list[str]:
+def command(out: Path, mode: str, *extra: str) -> list[str]:
     caravela = str(Path(sys.executable).parent / "caravela")
     sets = [
+        f"cluster.mode={mode}",
         "steps=6",
         "checkpoint.every_steps=2",
         "rollout.prompts_per_step=8",
@@ -31,12 +33,16 @@ def steps(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
 
 
-def test_kill_and_resume_skips_and_repeats_no_prompt(tmp_path):
+@pytest.mark.parametrize("mode", ["ray", "local"])
+def test_kill_and_resume_skips_and_repeats_no_prompt(tmp_path, mode):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(command(ref), check=True, capture_output=True, timeout=600)
+    subprocess.run(command(ref, mode), check=True, capture_output=True, timeout=600)
 
     proc = subprocess.Popen(
-        command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command(cut, mode),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while (
@@ -49,7 +55,9 @@ def test_kill_and_resume_skips_and_repeats_no_prompt(tmp_path):
     proc.wait()
     assert (cut / "checkpoints" / "LATEST").read_text() == "step-000002"
 
-    resumed = subprocess.run(command(cut, "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command(cut, mode, "--resume"), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert [s["step"] for s in steps(cut)] == list(range(6))  # each step exactly once

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from common.paths import ARITH_ENV
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult
 from orchestrator.config import load_config
 from orchestrator.data import Prompt
-from orchestrator.loop import build_batch, run
-from orchestrator.paths import ARITH_ENV
+from orchestrator.loop import run
+from orchestrator.rollout import Rollout, build_batch
 from orchestrator.scoring import score_groups
 from reward_envs.protocol import RewardResult
 
@@ -70,7 +71,7 @@ def test_build_batch_keeps_every_sample_of_every_kept_group():
         for p, ts in zip(prompts, texts, strict=True)
     ]
     scores = [[scored(float(t == "r")) for t in ts] for ts in texts]
-    batch, stats = build_batch(0, prompts, requests, results, scores, cfg)
+    batch, stats = build_batch(0, Rollout(prompts, requests, results, scores), cfg)
     ids = sorted(s.sample_id for s in batch.samples)
     assert ids == ["p0/0", "p0/1", "p2/0", "p2/1", "p2/2", "p2/3"]  # p1 has no signal
     assert stats["groups_zero_variance"] == 1 and stats["groups_kept"] == 2
@@ -86,7 +87,7 @@ def test_env_errors_are_counted_never_scored_zero():
         GenerateResult(request_id="p0", completions=[completion("a", [5]), completion("b", [6])])
     ]
     scores = [[scored(1.0), failed("RuntimeError: verifier crashed")]]
-    batch, stats = build_batch(0, prompts, requests, results, scores, cfg)
+    batch, stats = build_batch(0, Rollout(prompts, requests, results, scores), cfg)
     assert batch is None
     assert stats["reward_errors"] == 1
     assert math.isnan(stats["reward_mean"])  # nothing was scored 0 in its place

@@ -1,0 +1,203 @@
+"""The three parts the loop is handed (engines, env scorer, trainer group), in one process or
+on a Ray cluster.
+
+The loop (``orchestrator.loop``) only ever calls the methods below; ``cluster.mode``
+changes which implementation it gets, never the loop:
+
+=============  ======================================  =================================
+part           ``cluster.mode = "ray"`` (default)      ``cluster.mode = "local"``
+=============  ======================================  =================================
+engines        ``EngineRouter`` over engine actors     ``LocalRouter`` over one engine
+scorer         ``RayScorer``: pool actors per env      ``LocalScorer``: a pool per env
+trainers       ``TrainerGroup``: ranks as actors       ``LocalTrainerGroup``: one rank
+=============  ======================================  =================================
+
+Each engine loads its own copy of the model and gets the trainer's weights after every
+optimizer step (``push``), checked by the logprob probe, in both modes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from inference_server.protocol import GenerateRequest, GenerateResult
+from orchestrator import scoring
+from orchestrator.config import RunConfig
+from orchestrator.data import read_jsonl
+from orchestrator.rollout import tokenize
+from reward_envs.config import EnvSpec
+from trainer.protocol import TrainBatch
+
+
+class Engines(Protocol):
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
+    def update_weights(
+        self, version: int, state: Any, bucket_bytes: int = ...
+    ) -> dict[str, float]: ...
+    def probe(
+        self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
+    ) -> float: ...
+    def metrics(self) -> dict[str, float]: ...
+    def close(self) -> None: ...
+
+
+class Scorer(scoring.Scorer, Protocol):
+    def add(self, spec: EnvSpec) -> None: ...
+    def remove(self, env: str) -> None: ...
+    def metrics(self) -> dict[str, float]: ...
+    def close(self) -> None: ...
+
+
+class Trainers(Protocol):
+    def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
+    def host_state(self, names: list[str]) -> Any: ...
+    def state_dict(self, names: list[str]) -> dict[str, Any]: ...
+    def logprobs(self, sequences: list[list[int]]) -> list[list[float]]: ...
+    def save(self, path: Path) -> None: ...
+    def load(self, path: Path) -> int: ...
+
+
+@dataclass
+class Parts:
+    """What the loop drives, and the probe that checks every weight push."""
+
+    engines: Engines
+    scorer: Scorer
+    trainers: Trainers
+    names: list[str]
+    """Tensor names the engines serve (the checkpoint's)."""
+    probe: list[list[int]]
+    """Fixed token sequences whose logprobs engines and trainer must agree on."""
+    probe_tolerance: float
+    bucket_bytes: int = 1 << 20
+    on_ray: bool = False
+    monitors: list[Any] = field(default_factory=list)
+
+    def push(self, version: int) -> dict[str, float]:
+        """The trainer's weights to every engine as ``version``, then the probe."""
+        t0 = time.perf_counter()
+        metrics = self.engines.update_weights(
+            version, self.trainers.host_state(self.names), self.bucket_bytes
+        )
+        expected = self.trainers.logprobs(self.probe)
+        metrics["weight_sync/probe_max_diff"] = self.engines.probe(
+            self.probe, expected, self.probe_tolerance
+        )
+        metrics["seconds/sync"] = time.perf_counter() - t0
+        return metrics
+
+    def metrics(self) -> dict[str, float]:
+        """Engines alive/dead and requests re-queued; per env restarts, errors, replicas."""
+        return {**self.engines.metrics(), **self.scorer.metrics()}
+
+    def close(self) -> None:
+        if self.on_ray:
+            import ray
+
+            for m in self.monitors:
+                ray.kill(m)
+        self.scorer.close()
+        self.engines.close()
+
+
+def _probe(cfg: RunConfig, tok: Any) -> tuple[list[str], list[list[int]], float, int]:
+    """Tensor names the engines serve, probe sequences and tolerance, push bucket size."""
+    from inference_server.weights import served_shapes
+
+    backend = cfg.inference.backend
+    n = backend.probe_sequences if backend.type == "vllm" else 4
+    tol = backend.probe_tolerance if backend.type == "vllm" else 1e-3
+    bucket = (backend.bucket_mb << 20) if backend.type == "vllm" else 1 << 20
+    cache: dict[str, list[int]] = {}
+    probe = [tokenize(tok, p, cache) for p in read_jsonl(cfg.eval.heldout)[:n]]
+    return sorted(served_shapes(cfg.model)), probe, tol, bucket
+
+
+def local_parts(cfg: RunConfig, tok: Any) -> Parts:
+    """One trainer rank, one engine and one pool per env, in this process."""
+    from inference_server.actors import start_local_engines
+    from inference_server.router import LocalRouter
+    from reward_envs.scorer import LocalScorer
+    from trainer.group import LocalTrainerGroup
+
+    backend = cfg.inference.backend
+    trainers = LocalTrainerGroup(cfg.model, cfg.trainer)
+    engines = LocalRouter(start_local_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed))
+    try:
+        scorer = LocalScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
+    except BaseException:
+        engines.close()
+        raise
+    return Parts(engines, scorer, trainers, *_probe(cfg, tok))
+
+
+def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
+    """Trainer ranks, engines and env pools as actors on the Ray cluster this process is
+    connected to, placed by node role."""
+    from inference_server.actors import start_engines
+    from inference_server.router import EngineRouter
+    from orchestrator.monitor import start_gpu_monitors
+    from reward_envs.scorer import RayScorer
+    from trainer.group import TrainerGroup
+
+    backend = cfg.inference.backend
+    trainers = TrainerGroup(cfg.model, cfg.trainer)
+    engines = EngineRouter(start_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed))
+    scorer = RayScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
+    parts = Parts(engines, scorer, trainers, *_probe(cfg, tok), on_ray=True)
+    parts.monitors = start_gpu_monitors()
+    return parts
+
+
+@contextmanager
+def open_parts(cfg: RunConfig, tok: Any) -> Iterator[Parts]:
+    """The run's parts as ``cluster.mode`` says; stopped on the way out. On Ray: the cluster
+    this process is already connected to (left running), else one this joins or starts (and
+    leaves)."""
+    owned = False
+    if cfg.cluster.mode == "local":
+        parts = local_parts(cfg, tok)
+    else:
+        import ray
+
+        owned = not ray.is_initialized()
+        if owned:
+            _start_ray(cfg)
+        try:
+            parts = ray_parts(cfg, tok)
+        except BaseException:
+            if owned:
+                ray.shutdown()
+            raise
+    try:
+        yield parts
+    finally:
+        parts.close()
+        if owned:
+            import ray
+
+            ray.shutdown()
+
+
+def _start_ray(cfg: RunConfig) -> None:
+    """Join ``cluster.address``, or start a private local cluster with both node roles."""
+    from orchestrator.cluster import connect, start_local
+
+    c = cfg.cluster
+    if c.address:
+        if c.token_path is None:
+            raise ValueError("cluster.address needs cluster.token_path (the cluster's token)")
+        connect(c.address, c.token_path)
+    else:
+        start_local(
+            Path(cfg.output_dir),
+            num_cpus=c.num_cpus or 4 * (os.cpu_count() or 1),
+            resources={"inference_node": 1, "trainer_node": 1},
+            allow_network=c.allow_network,
+        )

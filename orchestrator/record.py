@@ -1,0 +1,108 @@
+"""Where a run's steps are written down: ``metrics.jsonl``, ``prompts.jsonl``, TensorBoard,
+the Ray dashboard's gauges (on Ray), and the terminal (a progress bar, or a line every 10
+steps when the output is not a terminal).
+
+A resumed run keeps the lines of the steps before its checkpoint and drops the rest, so
+every step appears exactly once in each file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from orchestrator.data import Prompt
+
+FILES = ("metrics.jsonl", "prompts.jsonl")
+
+
+def progress_bar() -> Any:
+    """A rich progress bar (step, reward, tokens/s, ETA) on a terminal; disabled otherwise."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not sys.stdout.isatty(),
+    )
+
+
+class Recorder:
+    """Writes each step's metrics and prompt ids everywhere they go; keeps the history."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        start: int,
+        steps: int,
+        on_ray: bool,
+        log: Callable[[str], Any] = print,
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir, self.steps, self.log = Path(out_dir), steps, log
+        self.history: list[dict[str, float]] = []
+        for name in FILES:  # the steps before ``start`` stay, later ones go
+            path = self.out_dir / name
+            kept = path.read_text().splitlines()[:start] if start and path.exists() else []
+            path.write_text("".join(x + "\n" for x in kept))
+            if name == "metrics.jsonl":
+                self.history = [json.loads(x) for x in kept]
+        self.board = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start)
+        self.gauges: Any = None
+        if on_ray:  # the same metrics on the Ray dashboard / Prometheus
+            from orchestrator.monitor import RunMetrics
+
+            self.gauges = RunMetrics(self.out_dir.name)
+        self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.prompts_file = open(self.out_dir / "prompts.jsonl", "a")  # noqa: SIM115
+        self.bar = progress_bar()
+        self.task = self.bar.add_task("train", total=steps, completed=start, info="")
+
+    def __enter__(self) -> Recorder:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.bar.__exit__(kind, exc, tb)
+        self.metrics_file.close()
+        self.prompts_file.close()
+        self.board.close()
+
+    def step(self, step: int, prompts: list[Prompt], metrics: dict[str, float]) -> None:
+        """One finished step: ``metrics`` and the ids of every prompt it used."""
+        self.history.append(metrics)
+        for key, value in metrics.items():
+            self.board.add_scalar(key, value, step)
+        if self.gauges is not None:
+            self.gauges.record(metrics)
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
+        self.prompts_file.write(json.dumps({"step": step, "prompts": [p.id for p in prompts]}))
+        self.prompts_file.write("\n")
+        self.prompts_file.flush()
+        info = (
+            f"reward {metrics['reward_mean']:.3f}  groups kept {int(metrics['groups_kept'])}"
+            f"/{len(prompts)}  {metrics['step_seconds']:.2f} s/step"
+        )
+        self.bar.update(self.task, advance=1, info=info)
+        if self.bar.disable and (step % 10 == 0 or step == self.steps - 1):
+            self.log(f"step {step:4d}  {info}")

@@ -1,0 +1,218 @@
+"""One step's rollout: prompts -> engines -> env pools -> groups that teach -> a TrainBatch.
+
+A ``Rollout`` holds a step's prompts, the engines' completions and the envs' rewards,
+group by group. The functions here shape it for training: drop or keep stale groups,
+join a refill round, count the groups that teach, and build the ``TrainBatch`` with
+group-relative advantages. None of them knows whether the engines and pools are Ray
+actors or objects in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
+from inference_server.tokens import encode_prompts
+from orchestrator.config import RunConfig
+from orchestrator.data import Prompt
+from orchestrator.scoring import Scorer, score_groups
+from reward_envs.protocol import RewardResult
+from trainer.advantages import compute_advantages, zero_variance_groups
+from trainer.protocol import TrainBatch, TrainSample
+
+
+class Generator(Protocol):
+    """``inference_server.router.EngineRouter`` or ``LocalRouter``."""
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
+
+
+@dataclass
+class Rollout:
+    """One step's prompts, what the engines made of them and what the envs said."""
+
+    prompts: list[Prompt]
+    requests: list[GenerateRequest]
+    results: list[GenerateResult]
+    scores: list[list[RewardResult]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sampling_params(cfg: RunConfig) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens
+    )
+
+
+def tokenize(tok: Any, p: Prompt, cache: dict[str, list[int]]) -> list[int]:
+    """``<s>`` + prompt token ids: prepared ahead (``caravela data prepare``, or the
+    prefetcher), else tokenized once per prompt per run."""
+    if p.prompt_ids is not None:
+        return list(p.prompt_ids)
+    if p.id not in cache:
+        (cache[p.id],) = encode_prompts(tok, [p.text])
+    return cache[p.id]
+
+
+def rollout(
+    engines: Generator,
+    scorer: Scorer,
+    sampling: SamplingParams,
+    prompts: list[Prompt],
+    tok: Any,
+    cache: dict[str, list[int]],
+) -> Rollout:
+    """Generate ``sampling.n`` completions per prompt, then score each with its env."""
+    requests = [
+        GenerateRequest(request_id=p.id, sampling=sampling, prompt_ids=tokenize(tok, p, cache))
+        for p in prompts
+    ]
+    t0 = time.perf_counter()
+    results = engines.generate(requests)
+    t1 = time.perf_counter()
+    scores = score_groups(scorer, prompts, results)
+    seconds = {"seconds/generate": t1 - t0, "seconds/score": time.perf_counter() - t1}
+    return Rollout(prompts, requests, results, scores, seconds)
+
+
+def select(r: Rollout, keep: list[int]) -> Rollout:
+    """The groups of ``r`` at indices ``keep``."""
+    return Rollout(
+        [r.prompts[i] for i in keep],
+        [r.requests[i] for i in keep],
+        [r.results[i] for i in keep],
+        [r.scores[i] for i in keep],
+        r.seconds,
+    )
+
+
+def merge(a: Rollout, b: Rollout) -> Rollout:
+    """One rollout holding the groups of both (a refill round joins the step's rollout)."""
+    seconds = {k: a.seconds.get(k, 0.0) + b.seconds.get(k, 0.0) for k in a.seconds | b.seconds}
+    return Rollout(
+        a.prompts + b.prompts,
+        a.requests + b.requests,
+        a.results + b.results,
+        a.scores + b.scores,
+        seconds,
+    )
+
+
+def handle_stale(r: Rollout, version: int, bound: int, how: str) -> tuple[Rollout, int]:
+    """Groups any of whose completions came from weights more than ``bound`` versions behind
+    ``version``: removed (``how="drop"``) or kept for the loss's TIS correction (``"tis"``).
+    Returns the rollout to train on and how many groups were stale."""
+    stale = {
+        i
+        for i, res in enumerate(r.results)
+        if any(version - c.policy_version > bound for c in res.completions)
+    }
+    if how == "tis" or not stale:
+        return r, len(stale)
+    return select(r, [i for i in range(len(r.results)) if i not in stale]), len(stale)
+
+
+def teaching_groups(r: Rollout, cfg: RunConfig) -> int:
+    """Groups ``build_batch`` will train on: every completion scored, and (when zero-variance
+    groups are dropped) not all rewards equal (``trainer.advantages``' own test)."""
+    scored = [[s.score for s in g] for g in r.scores if all(s.score is not None for s in g)]
+    if not scored or not cfg.advantage.drop_zero_variance:
+        return len(scored)
+    return len(scored) - int(zero_variance_groups(torch.tensor(scored)).sum())
+
+
+def build_batch(
+    step: int, r: Rollout, cfg: RunConfig
+) -> tuple[TrainBatch | None, dict[str, float]]:
+    """Group advantages from the scored completions; keep the groups that teach. ``None``
+    when no group teaches (every group errored or had equal rewards)."""
+    samples: list[TrainSample] = []
+    rewards, errors, kept, zero_var = [], 0, 0, 0
+    by_kind: Counter[str] = Counter()
+    for prompt, request, result, group in zip(
+        r.prompts, r.requests, r.results, r.scores, strict=True
+    ):
+        if any(s.score is None for s in group):
+            for s in group:  # group unusable: every error counted by kind, nothing zeroed
+                if s.score is None:
+                    errors += 1
+                    by_kind[f"reward_errors/{s.env}/{s.error_kind}"] += 1
+            continue
+        rw = torch.tensor([[s.score for s in group]], dtype=torch.float32)
+        rewards.extend(rw[0].tolist())
+        adv = compute_advantages(rw, cfg.advantage.type, cfg.advantage.scale_by_std)
+        if bool(adv.zero_variance[0]):
+            zero_var += 1
+            if cfg.advantage.drop_zero_variance:
+                continue
+        kept += 1
+        for i, (c, s) in enumerate(zip(result.completions, group, strict=True)):
+            if c.token_ids:
+                samples.append(
+                    TrainSample(
+                        sample_id=f"{prompt.id}/{i}",
+                        prompt_ids=request.prompt_ids,
+                        completion_ids=c.token_ids,
+                        advantage=float(adv.values[0, i]),
+                        engine_logprobs=c.logprobs,
+                        policy_version=c.policy_version,
+                        engine_id=c.engine_id,
+                        env=s.env,
+                        env_build=s.build_hash,
+                    )
+                )
+    completions = [c for res in r.results for c in res.completions]
+    lengths = [len(c.token_ids) for c in completions]
+    by_env: dict[str, list[float]] = {}
+    for prompt, group in zip(r.prompts, r.scores, strict=True):
+        by_env.setdefault(prompt.env, []).extend(s.score for s in group if s.score is not None)
+    stats = {
+        "response_len_mean": sum(lengths) / max(1, len(lengths)),
+        "response_len_max": float(max(lengths, default=0)),
+        "truncation_rate": sum(c.finish_reason == "length" for c in completions)
+        / max(1, len(lengths)),
+        **{f"reward_mean/{env}": sum(v) / len(v) for env, v in by_env.items() if v},
+        "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
+        "groups_kept": float(kept),
+        "groups_zero_variance": float(zero_var),
+        "reward_errors": float(errors),
+        **{k: float(v) for k, v in by_kind.items()},
+    }
+    if not samples:
+        return None, stats
+    batch = TrainBatch(step=step, samples=samples, max_completion_length=cfg.rollout.max_new_tokens)
+    return batch, stats
+
+
+def refill(
+    r: Rollout,
+    draw: Callable[[list[Prompt]], Rollout],
+    sample: Callable[[int], list[Prompt]],
+    cfg: RunConfig,
+) -> tuple[Rollout, dict[str, float]]:
+    """Dynamic sampling (DAPO): while fewer than ``prompts_per_step`` groups teach, draw that
+    many more prompts and roll them out too, at most ``advantage.refill_rounds`` times."""
+    rounds = prompts = 0
+    while rounds < cfg.advantage.refill_rounds:
+        missing = cfg.rollout.prompts_per_step - teaching_groups(r, cfg)
+        if missing <= 0:
+            break
+        r = merge(r, draw(sample(missing)))
+        rounds, prompts = rounds + 1, prompts + missing
+    return r, {"refill_rounds": float(rounds), "refill_prompts": float(prompts)}
+
+
+def staleness(r: Rollout, version: int) -> dict[str, float]:
+    """How many versions behind ``version`` each completion's weights were."""
+    lags = [version - c.policy_version for res in r.results for c in res.completions]
+    return {
+        "staleness_max": float(max(lags, default=0)),
+        **{f"staleness/{k}": float(lags.count(k)) for k in sorted(set(lags))},
+    }
