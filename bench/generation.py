@@ -27,11 +27,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.paths import TINY_HELDOUT, TINY_MODEL  # noqa: E402
 from inference_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
 from inference_server.tokens import encode_prompts  # noqa: E402
 from inference_server.transformers_backend import TransformersEngine  # noqa: E402
 from inference_server.vllm_backend import VLLMEngine  # noqa: E402
-from orchestrator.paths import TINY_HELDOUT, TINY_MODEL  # noqa: E402
 
 SHAPES = {  # name: (hidden, layers, heads, intermediate)
     "random-20M": (384, 8, 6, 1536),

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from generation import SHAPES, make_random  # noqa: E402
 
-from orchestrator.paths import TINY_MODEL  # noqa: E402
+from common.paths import TINY_MODEL  # noqa: E402
 
 REPS = 4  # first is warm-up
 

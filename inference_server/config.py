@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from trainer.config import StrictModel, default_type
+from common.config import StrictModel, default_type
 
 
 class EngineActors(StrictModel):

@@ -1,4 +1,5 @@
-"""``caravela serve [MODEL_DIR]``: the OpenAI-compatible server on one engine, standalone."""
+"""``caravela serve [MODEL_DIR]`` (or ``caravela-inference``): the OpenAI-compatible server on
+one engine, standalone."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from common.paths import TINY_MODEL
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from orchestrator.paths import TINY_MODEL
-
     p.add_argument(
         "model_dir",
         nargs="?",

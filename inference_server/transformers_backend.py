@@ -19,15 +19,10 @@ from typing import Any
 
 import torch
 
+from common.logprobs import sequence_logprobs
+from common.weights import HostState, weights_checksum
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
-from inference_server.weights import (
-    HostState,
-    as_tensors,
-    check_update,
-    probe_diff,
-    served_shapes,
-    weights_checksum,
-)
+from inference_server.weights import as_tensors, check_update, probe_diff, served_shapes
 
 
 class TransformersEngine:
@@ -181,8 +176,6 @@ class DirTransformersEngine(TransformersEngine):
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of every token after the first (T = 1)."""
-        from trainer.logprobs import sequence_logprobs
-
         with self.lock:
             return sequence_logprobs(self.model, sequences)
 

@@ -32,9 +32,9 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from common.weights import HostState
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
 from inference_server.weights import (
-    HostState,
     WeightUpdateError,
     as_tensors,
     check_update,

@@ -1,19 +1,19 @@
 """Weight updates shared by both backends: what an engine serves, checks, buckets, the probe.
 
-Torch and safetensors only (no vLLM), so the trainer side and the transformers
-backend use the same checks as the vLLM engine.
+Torch and safetensors only (no vLLM), so the transformers backend uses the same checks as
+the vLLM engine. The wire form of the weights (``HostState``) and their checksum, which the
+trainer shares, live in ``common.weights``.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from common.weights import HostState
 
 
 class WeightUpdateError(ValueError):
@@ -116,45 +116,5 @@ def probe_diff(
     return diff
 
 
-_NUMPY_VIEW = {torch.bfloat16: torch.int16}
-"""Dtypes numpy lacks, sent as a same-width integer view and viewed back on arrival."""
-
-
-@dataclass
-class HostState:
-    """A state dict as numpy arrays: Ray's object store hands those out zero-copy, torch
-    tensors it pickles (bench/results/weight_transport.md: 100M params 0.36 s vs 2.0 s)."""
-
-    arrays: dict[str, np.ndarray]
-    dtypes: dict[str, str]
-
-    @classmethod
-    def of(cls, state: Mapping[str, torch.Tensor]) -> HostState:
-        arrays, dtypes = {}, {}
-        for name, t in state.items():
-            t = t.detach().to("cpu").contiguous()
-            dtypes[name] = str(t.dtype).removeprefix("torch.")
-            arrays[name] = t.view(_NUMPY_VIEW.get(t.dtype, t.dtype)).numpy()
-        return cls(arrays, dtypes)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        with warnings.catch_warnings():  # object-store arrays are read-only; we only read
-            warnings.simplefilter("ignore", UserWarning)
-            return {
-                n: torch.from_numpy(a).view(getattr(torch, self.dtypes[n]))
-                for n, a in self.arrays.items()
-            }
-
-
 def as_tensors(state: Mapping[str, torch.Tensor] | HostState) -> Mapping[str, torch.Tensor]:
     return state.tensors() if isinstance(state, HostState) else state
-
-
-def weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
-    """Hash of names and bytes, in name order (engines and trainer ranks must agree)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode() + state[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

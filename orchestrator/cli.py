@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"caravela serve: {e}", file=sys.stderr)
             return 2
     if args.command == "slurm":
-        from slurm.render import main as slurm_main
+        from orchestrator.launch import main as slurm_main
 
         return slurm_main(args)
     if args.command == "env":

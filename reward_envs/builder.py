@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
+from reward_envs import containers
 from reward_envs.config import Isolation
 from reward_envs.manifest import Manifest, load_manifest
 
@@ -81,8 +82,6 @@ class BuiltEnv:
         ]
         if self.backend == "local":
             return worker
-        from reward_envs import containers
-
         return containers.wrap(self.backend, dict(self.container), slot, worker)
 
 
@@ -272,9 +271,20 @@ def prepare(env_dir: Path, isolation: Isolation | str, store: Path | None = None
             offline=isolation.offline,
             wheelhouse=isolation.wheelhouse,
         )
-    from reward_envs import containers
-
-    return containers.prepare_container(env_dir, isolation, store)
+    name = load_manifest(env_dir).name
+    build_hash, settings = containers.prepare_container(
+        name, env_dir, isolation, shim_dir(store), content_hash(env_dir)
+    )
+    return BuiltEnv(
+        name=name,
+        build_hash=build_hash,
+        python="python3",  # the image's
+        src=containers.ENV_MOUNT,
+        worker_module=SHIM_PACKAGE,
+        isolated=False,
+        backend=isolation.type,
+        container=tuple(sorted(settings.items())),
+    )
 
 
 def describe(entry: BuiltEnv) -> dict[str, object]:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from trainer.config import StrictModel
+from common.config import StrictModel
 
 ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 

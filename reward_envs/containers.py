@@ -31,9 +31,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from reward_envs.builder import SHIM_PACKAGE, BuiltEnv, content_hash, shim_dir
 from reward_envs.config import ApptainerIsolation, DockerIsolation
-from reward_envs.manifest import load_manifest
 
 ENV_MOUNT = "/env"
 SHIM_MOUNT = "/opt/caravela"
@@ -62,13 +60,17 @@ def client() -> Any:
 
 
 def prepare_container(
-    env_dir: Path, iso: DockerIsolation | ApptainerIsolation, store: Path | None
-) -> BuiltEnv:
-    """Check the engine and image now (a clear error before any worker starts)."""
-    manifest = load_manifest(env_dir)
+    name: str, env_dir: Path, iso: DockerIsolation | ApptainerIsolation, shim: Path, digest: str
+) -> tuple[str, dict[str, str]]:
+    """Check the engine and image now (a clear error before any worker starts).
+
+    ``name``: the env's; ``shim``: a directory holding the worker shim package;
+    ``digest``: the env's content hash. Returns the build hash (for docker, the content's
+    and the image's) and the settings a worker's container is started with (``wrap``).
+    """
     settings: dict[str, str] = {
         "env_src": str(Path(env_dir).resolve()),
-        "shim": str(shim_dir(store)),
+        "shim": str(shim),
         "image": str(iso.image),
     }
     if iso.type == "docker":
@@ -78,32 +80,23 @@ def prepare_container(
             image_id = client().images.get(iso.image).id
         except ImageNotFound:
             raise ContainerEngineError(
-                f"env {manifest.name!r}: image {iso.image!r} is not in the engine at "
+                f"env {name!r}: image {iso.image!r} is not in the engine at "
                 f"DOCKER_HOST={os.environ.get('DOCKER_HOST', '(unset)')}; load it there "
                 "(`docker load`, or `podman import rootfs.tar NAME` with no registry)"
             ) from None
         settings.update(mem_limit=iso.mem_limit, pids_limit=str(iso.pids_limit))
-        build_hash = f"{content_hash(env_dir)}-{image_id.removeprefix('sha256:')[:12]}"
+        build_hash = f"{digest}-{image_id.removeprefix('sha256:')[:12]}"
     else:
         if shutil.which(iso.binary) is None:
             raise ContainerEngineError(
-                f"env {manifest.name!r}: {iso.binary!r} is not on PATH; load the site's "
+                f"env {name!r}: {iso.binary!r} is not on PATH; load the site's "
                 "apptainer module, or use isolation venv"
             )
         if not Path(iso.image).exists():
-            raise ContainerEngineError(f"env {manifest.name!r}: image {iso.image} not found")
+            raise ContainerEngineError(f"env {name!r}: image {iso.image} not found")
         settings.update(binary=iso.binary, extra_args=json.dumps(iso.extra_args))
-        build_hash = content_hash(env_dir)
-    return BuiltEnv(
-        name=manifest.name,
-        build_hash=build_hash,
-        python="python3",
-        src=ENV_MOUNT,
-        worker_module=SHIM_PACKAGE,
-        isolated=False,
-        backend=iso.type,
-        container=tuple(sorted(settings.items())),
-    )
+        build_hash = digest
+    return build_hash, settings
 
 
 def wrap(backend: str, settings: dict[str, str], slot: str, worker: list[str]) -> list[str]:

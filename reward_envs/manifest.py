@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from common.config import StrictModel
 from reward_envs.protocol import Item
-from trainer.config import StrictModel
 
 
 class ExampleItem(StrictModel):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from trainer.config import StrictModel
+from common.config import StrictModel
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 

@@ -1,26 +1,17 @@
 """Trainer configuration: optimiser, loss variant, batching and memory switches.
 
 Parsed and validated before torch is imported (STYLE.md, point 1), so this
-module imports pydantic only.
+module imports pydantic only (``StrictModel`` and ``default_type`` come from
+``common.config``, the base every component's config shares).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-def default_type(v: object, default: str) -> object:
-    """A tagged-union section given as a dict without ``type`` gets the default one, so
-    ``--set section.field=x`` alone means the default choice with that field set."""
-    return {"type": default, **v} if isinstance(v, dict) and "type" not in v else v
-
-
-class StrictModel(BaseModel):
-    """Base for every Caravela config section: unknown keys are errors, docstrings document."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+from common.config import StrictModel, default_type
 
 
 class _ClippedLoss(StrictModel):
@@ -86,9 +77,16 @@ class TrainerConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW decoupled weight decay."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear learning-rate warm-up, in optimizer steps."""
+    """Linear learning-rate warm-up, in optimizer steps (``updates_per_batch`` per batch)."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     """Clip the global gradient norm to this value before every optimizer step."""
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer steps per batch (PPO's mu): the batch's samples are split, in order and
+    balanced by tokens, into this many mini-batches (fewer if there are fewer samples), one
+    step each. The importance ratio's denominator is the policy before the first of them, so
+    from the second on the ratio moves away from 1 and the clip ranges act; with 1, the ratio
+    is exactly 1 (the clip never acts) and there is no extra forward pass. One batch still
+    makes one new policy version for the engines."""
     loss: LossConfig = Field(default_factory=GRPOLoss)
     """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from trainer.config import StrictModel
+from common.config import StrictModel
 
 
 class ApiSettings(StrictModel):

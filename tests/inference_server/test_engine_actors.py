@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
+from common.paths import TINY_MODEL
 from inference_server.actors import PlacementError, start_engines
 from inference_server.config import TransformersBackend
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.router import EngineRouter
 from inference_server.weights import WeightUpdateError
-from orchestrator.paths import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

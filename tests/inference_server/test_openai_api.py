@@ -9,10 +9,10 @@ import openai
 import pytest
 import uvicorn
 
+from common.paths import TINY_MODEL
 from inference_server.openai_api import create_app
 from inference_server.serve import build_engine
 from orchestrator.cli import main
-from orchestrator.paths import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,34 @@ def test_unknown_model_is_404(server):
 def test_serve_refuses_a_missing_model_dir(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--backend", "transformers"]) == 2
     assert "is not a HF model directory" in capsys.readouterr().err
+
+
+def test_caravela_inference_entry_point_serves_the_model(tmp_path):
+    """``caravela-inference`` is ``caravela serve`` under the component's name: the installed
+    console script starts the same server."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "caravela-inference"
+    bad = subprocess.run([script, str(tmp_path), "--backend", "transformers"], capture_output=True)
+    assert bad.returncode == 2 and b"is not a HF model directory" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [script, str(TINY_MODEL), "--backend", "transformers", "--name", "tiny"]
+    proc = subprocess.Popen([*args, "--port", str(port)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "caravela-inference did not come up in 120 s"
+                time.sleep(0.5)
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
+from common.paths import TINY_MODEL
 from inference_server.actors import start_engines
 from inference_server.config import VLLMBackend
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.router import EngineRouter, EngineUnavailable
-from orchestrator.paths import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 

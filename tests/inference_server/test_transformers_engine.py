@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.paths import TINY_MODEL
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.transformers_backend import TransformersEngine
-from orchestrator.paths import TINY_MODEL
 from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed
 
@@ -76,3 +76,21 @@ def test_mixed_sampling_params_each_get_their_own(engine):
     out = engine.generate(reqs)
     assert [len(r.completions) for r in out] == [1, 3, 1]
     assert [r.request_id for r in out] == [r.request_id for r in reqs]
+
+
+def test_probe_passes_on_the_trainers_weights_and_fails_on_others():
+    """The engine's probe logprobs (``common.logprobs``) match the trainer's chunked path on
+    the same weights, and a changed model is caught."""
+    from inference_server.transformers_backend import DirTransformersEngine
+    from inference_server.weights import WeightUpdateError
+    from trainer.logprobs import sequence_logprobs
+
+    engine = DirTransformersEngine(TINY_MODEL)
+    seqs = [request(engine, q).prompt_ids for q in ("Q: 50+98-54 A: ", "Q: 3-50+2 A: 3-50=")]
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    assert engine.probe(seqs, sequence_logprobs(model, seqs), tol=1e-4) < 1e-4
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    with pytest.raises(WeightUpdateError, match="logprob probe failed on engine hf-0"):
+        engine.probe(seqs, sequence_logprobs(model, seqs), tol=1e-4)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.paths import TINY_HELDOUT, TINY_MODEL
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.transformers_backend import TransformersEngine
-from orchestrator.paths import TINY_HELDOUT, TINY_MODEL
 from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed
 

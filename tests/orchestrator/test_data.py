@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import paths
+from common import paths
 from orchestrator.config import ConfigError, DatasetSpec, load_config
 from orchestrator.data import Prefetcher, PromptSampler, read_jsonl, read_prompts
 from orchestrator.prepare import PreparedStore, prepare, prepared_ids

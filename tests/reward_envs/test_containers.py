@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.paths import ARITH_ENV
+from common.paths import ARITH_ENV
 from reward_envs.builder import prepare
 from reward_envs.config import ApptainerIsolation, DockerIsolation
 from reward_envs.containers import (

@@ -3,8 +3,8 @@
 import json
 import shutil
 
+from common.paths import ARITH_ENV
 from orchestrator.cli import main
-from orchestrator.paths import ARITH_ENV
 
 
 def test_builtin_arith_passes_its_examples(capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.paths import ARITH_ENV
+from common.paths import ARITH_ENV
 from reward_envs.config import EnvSpec
 from reward_envs.protocol import Item
 

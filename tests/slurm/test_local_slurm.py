@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from common.paths import ARITH_ENV
 from orchestrator.cluster import loopback_only
 from orchestrator.config import load_config
-from orchestrator.paths import ARITH_ENV
+from orchestrator.launch import write
 from slurm import local_cluster
-from slurm.render import write
 
 pytestmark = pytest.mark.slow
 

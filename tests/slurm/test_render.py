@@ -6,11 +6,12 @@ import subprocess
 
 import pytest
 
+from common.paths import ARITH_ENV
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.paths import ARITH_ENV
+from orchestrator.launch import render
 from slurm.config import PROFILES
-from slurm.render import LaunchError, render
+from slurm.render import LaunchError
 
 PROFILE_NAMES = sorted(p.stem for p in PROFILES.glob("*.toml"))
 
@@ -67,6 +68,14 @@ def test_roles_first_inference_nodes_then_trainers(tmp_path):
             "env store /nonexistent/store does not exist; build the envs",
         ),
         (["slurm.profile='nowhere'"], "no SLURM profile 'nowhere'; known: deucalion"),
+        (
+            [
+                "slurm.profile='mn5'",
+                "inference.backend={type='vllm', tensor_parallel_size=4, engines_per_node=2}",
+            ],
+            r"2 engine\(s\) x tensor_parallel_size 4 need 8 GPUs per inference node; "
+            "profile 'mn5' has 4",
+        ),
     ],
 )
 def test_bad_requests_fail_before_submission(tmp_path, sets, message):

@@ -1,4 +1,7 @@
-"""Where the shipped assets live: the repo root, the tiny model and its task data."""
+"""Where the shipped assets live: the repo root, the tiny model and its task data.
+
+The orchestrator's embedded demo run and ``caravela serve``'s default model both point here.
+"""
 
 from __future__ import annotations
 
