@@ -112,12 +112,13 @@ def start_engines(
     per = backend.engines_per_node
     gpus_per_engine = (backend.tensor_parallel_size if backend.type == "vllm" else 1) if gpus else 0
     cls = engine_class(backend)
-    actor = ray.remote(
-        num_gpus=gpus_per_engine,
-        num_cpus=backend.cpus_per_engine,
-        resources={INFERENCE_RESOURCE: 1.0 / per},
-        max_concurrency=ACTOR_CONCURRENCY,
-    )(cls)
+    opts: dict[str, Any] = {  # actor options (ray's stubs know no max_concurrency)
+        "num_gpus": gpus_per_engine,
+        "num_cpus": backend.cpus_per_engine,
+        "resources": {INFERENCE_RESOURCE: 1.0 / per},
+        "max_concurrency": ACTOR_CONCURRENCY,
+    }
+    actor: Any = ray.remote(**opts)(cls)
     handles = {
         eid: actor.remote(Path(model_dir), **kwargs)
         for eid, kwargs in engine_args(backend, dtype, seed, len(nodes) * per, max_model_len)

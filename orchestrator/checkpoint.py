@@ -5,8 +5,8 @@ model, optimizer, scheduler, RNG, version) and ``driver.json`` (``DriverState``:
 step, version, the prompt sampler's state, the ids of prompts drawn but not yet trained
 on, the envs that joined, the "before" evaluation). It is written into a ``.tmp``
 directory renamed into place when complete, then ``LATEST`` is replaced atomically: a
-crash mid-write leaves the previous checkpoint in charge, never a half one. On request: SIGUSR1 to the driver,
-or a file ``CHECKPOINT`` in the run directory (removed once served).
+crash mid-write leaves the previous checkpoint in charge, never a half one. On request:
+SIGUSR1 to the driver, or a file ``CHECKPOINT`` in the run directory (removed once served).
 """
 
 from __future__ import annotations
