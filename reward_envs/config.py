@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from common.config import StrictModel
+from reward_envs.manifest import load_manifest
 
 ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -74,8 +75,11 @@ class EnvSpec(StrictModel):
     """Env name; prompts whose ``env`` field equals it are scored here."""
     path: Path
     """Env directory holding ``caravela-env.toml`` (relative paths: to the config file)."""
-    isolation: Isolation = Field(default_factory=ProcessIsolation)
-    """How its worker processes are isolated; pick with ``isolation.type``."""
+    isolation: Isolation | None = None
+    """How its worker processes are isolated; pick with ``isolation.type``. None = what the
+    env's manifest says (``isolation`` in its ``caravela-env.toml``, ``venv`` unless it says
+    otherwise) with that backend's defaults. ``process`` runs the env in Caravela's own
+    Python: only for trusted envs, and only when the config or the manifest asks for it."""
     workers: int = Field(2, ge=1, le=256)
     """Worker processes in the env's pool (capped by the manifest's ``concurrency``)."""
     timeout_s: float | None = Field(None, gt=0.0)
@@ -93,3 +97,18 @@ class EnvSpec(StrictModel):
                 "with a letter (it becomes a directory and a metric label)"
             )
         return v
+
+    def resolved_isolation(self) -> Isolation:
+        """``isolation`` when the config sets it, else the one the env's manifest names (read
+        now, from ``path``)."""
+        if self.isolation is not None:
+            return self.isolation
+        wanted = load_manifest(self.path).isolation
+        if wanted == "process":
+            return ProcessIsolation()
+        if wanted == "venv":
+            return VenvIsolation()
+        raise ValueError(
+            f"env {self.name!r}: its manifest asks for {wanted} isolation, which needs an image; "
+            f'set isolation = {{ type = "{wanted}", image = "..." }} in its [[envs]] entry'
+        )
