@@ -7,7 +7,14 @@ next row in a per-epoch shuffled order, so no prompt repeats within a dataset's 
 run is reproducible from its seed. Datasets join (``add``) and leave (``remove``) the
 mixture mid-run; the sampler's ``state()`` records the mixture, so a resume continues the
 exact stream. Prompts carry their token ids when ``caravela data prepare`` made them
-(``orchestrator/prepare.py``); ``Prefetcher`` draws and tokenizes the next batches ahead.
+(``orchestrator/prepare.py`` writes them, a ``TokenStore`` hands them over); ``Prefetcher``
+draws and tokenizes the next batches ahead.
+
+With ``max_prompt_tokens`` (the model's context, ``context_limit``, minus
+``rollout.max_new_tokens``) a prompt with more tokens is never handed out: where it is
+drawn, the dataset's next row takes its place. Each such prompt is logged once, counted in
+``metrics()`` (``prompts_too_long/<dataset file stem>``) and recorded in ``state()``, so
+the stream and its resume stay exact.
 """
 
 from __future__ import annotations
@@ -20,14 +27,61 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.config import DATASET_FORMATS, DatasetSpec
 
 if TYPE_CHECKING:
-    from orchestrator.prepare import PreparedStore, TokenTable
+    import numpy as np
 
 _MISSING: Any = object()
+
+Encode = Callable[[list[str]], list[list[int]]]
+"""Prompt texts -> engine token ids (``[BOS] + ids(text)``), e.g.
+``partial(inference_server.tokens.encode_prompts, tokenizer)``."""
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""``config.json`` keys that hold a model's context length, by model family."""
+
+
+def context_limit(model_dir: Path) -> int | None:
+    """The model's context length (prompt + completion tokens) from its ``config.json``:
+    ``max_position_embeddings`` or a family's name for it, also under ``text_config``
+    (multimodal models); None when the file or the key is missing."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(section.get(key), int):
+                return int(section[key])
+    return None
+
+
+class TokenTable:
+    """One dataset's prepared token ids, row by row: a flat int32 array and row offsets."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values, self.offsets = values, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> tuple[int, ...]:
+        return tuple(self.values[self.offsets[row] : self.offsets[row + 1]].tolist())
+
+    def length(self, row: int) -> int:
+        """Tokens in ``row``."""
+        return int(self.offsets[row + 1] - self.offsets[row])
+
+
+class TokenStore(Protocol):
+    """Where prepared token ids come from (``orchestrator.prepare.PreparedStore``)."""
+
+    def load(self, spec: DatasetSpec, prompts: Sequence[Prompt]) -> TokenTable | None:
+        """``spec``'s ids, row by row, when prepared for exactly these prompts; else None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -171,6 +225,15 @@ class _Source:
     active: bool = True
     order: list[int] = field(default_factory=list)
     """Rows of the current epoch not drawn yet (popped from the end)."""
+    too_long: set[int] = field(default_factory=set)
+    """Rows found longer than ``max_prompt_tokens`` (skipped whenever drawn)."""
+
+    def exhausted(self) -> bool:
+        """No row fits: every one is too long."""
+        return len(self.too_long) == len(self.prompts)
+
+    def metric(self) -> str:
+        return f"prompts_too_long/{Path(self.spec.path).stem}"
 
 
 def _key(spec: DatasetSpec) -> tuple[str, str, str, str]:
@@ -183,13 +246,27 @@ class PromptSampler:
 
     ``store`` (``orchestrator.prepare.PreparedStore``): prompts come with the token ids
     ``caravela data prepare`` wrote for their dataset, when it did.
+    ``max_prompt_tokens``: prompts with more token ids are skipped (``limit``).
     """
 
     def __init__(
-        self, specs: Sequence[DatasetSpec], seed: int = 0, store: PreparedStore | None = None
+        self,
+        specs: Sequence[DatasetSpec],
+        seed: int = 0,
+        store: TokenStore | None = None,
+        *,
+        max_prompt_tokens: int | None = None,
+        encode: Encode | None = None,
+        log: Callable[[str], Any] = print,
     ) -> None:
         self.rng = random.Random(seed)
         self.store = store
+        self.log = log
+        self.max_prompt_tokens: int | None = None
+        self.encode: Encode | None = None
+        self.limit(max_prompt_tokens, encode)
+        self._logged: set[str] = set()
+        """Ids of over-long prompts logged already (kept across ``restore``: once per run)."""
         self.sources: list[_Source] = []
         self.by_id: dict[str, tuple[int, int]] = {}
         """Prompt id -> (source, row), over every source ever in the mixture."""
@@ -197,6 +274,19 @@ class PromptSampler:
         """Prompts handed out before any new draw (in-flight prompts of a resumed run)."""
         for spec in specs:
             self._load(spec)
+
+    def limit(self, max_prompt_tokens: int | None, encode: Encode | None = None) -> None:
+        """Skip prompts of more than ``max_prompt_tokens`` token ids (None: keep all).
+        Prompts without prepared ids are measured with ``encode`` and handed out with the
+        ids it gave them. Call before the first ``sample``."""
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(
+                f"max_prompt_tokens = {max_prompt_tokens} leaves no room for a prompt: the "
+                "model's context is not longer than rollout.max_new_tokens; lower "
+                "rollout.max_new_tokens or use a model with a longer context"
+            )
+        self.max_prompt_tokens = max_prompt_tokens
+        self.encode = encode if encode is not None else self.encode
 
     def _load(self, spec: DatasetSpec) -> None:
         prompts = read_prompts(spec.path, spec.env, spec.prompt_field, spec.id_field)
@@ -221,23 +311,117 @@ class PromptSampler:
             return p
         return Prompt(p.id, p.text, p.env, p.fields, source.ids[row])
 
-    def _next(self, s: int) -> Prompt:
+    def _pop(self, s: int) -> int:
+        """The next row of dataset ``s`` in its epoch's order (a new epoch when it is done)."""
         source = self.sources[s]
         if not source.order:
             order = list(range(len(source.prompts)))
             self.rng.shuffle(order)
             source.order = order
-        return self._prompt(s, source.order.pop())
+        return source.order.pop()
+
+    def _live(self) -> list[int]:
+        """The datasets drawn from: in the mixture, with a row that fits."""
+        return [i for i, s in enumerate(self.sources) if s.active and not s.exhausted()]
 
     def sample(self, n: int) -> list[Prompt]:
         head, self.first = self.first[:n], self.first[n:]
-        active = [i for i, s in enumerate(self.sources) if s.active]
-        if len(head) < n and not active:
+        if self.max_prompt_tokens is not None:
+            head = self._fitting([self.by_id[p.id] for p in head], replace=False)
+        live = self._live()
+        if len(head) < n and not live:
             self.first = head + self.first
+            if any(s.active for s in self.sources):
+                raise ValueError(self._nothing_fits())
             raise ValueError("every dataset was removed from the prompt mixture; add one first")
-        weights = [self.sources[i].spec.weight for i in active]
-        picks = self.rng.choices(active, weights=weights, k=n - len(head)) if active else []
-        return head + [self._next(s) for s in picks]
+        weights = [self.sources[i].spec.weight for i in live]
+        picks = self.rng.choices(live, weights=weights, k=n - len(head)) if live else []
+        drawn = [(s, self._pop(s)) for s in picks]
+        if self.max_prompt_tokens is None:
+            return head + [self._prompt(s, row) for s, row in drawn]
+        return head + self._fitting(drawn, replace=True)
+
+    def _fitting(self, slots: list[tuple[int, int]], replace: bool) -> list[Prompt]:
+        """The prompts at (dataset, row) ``slots``, in order, each with its token ids, those
+        over ``max_prompt_tokens`` recorded and left out; ``replace``: each left-out one is
+        replaced by its dataset's next row (by another weighted pick once none of that
+        dataset's rows fits), checked the same way."""
+        limit = self.max_prompt_tokens
+        assert limit is not None
+        out: list[Prompt | None] = [None] * len(slots)
+        todo = list(enumerate(slots))
+        while todo:
+            fresh = [(i, s, row) for i, (s, row) in todo if row not in self.sources[s].too_long]
+            measured = self._measured([self._prompt(s, row) for _, s, row in fresh])
+            fits = {i: p for (i, _, _), p in zip(fresh, measured, strict=True)}
+            again: list[tuple[int, tuple[int, int]]] = []
+            for i, (s, row) in todo:
+                p = fits.get(i)
+                if p is not None:
+                    assert p.prompt_ids is not None
+                    if len(p.prompt_ids) <= limit:
+                        out[i] = p
+                        continue
+                    self._too_long(s, row, len(p.prompt_ids))
+                if not replace:
+                    continue
+                if self.sources[s].exhausted():
+                    live = self._live()
+                    if not live:
+                        raise ValueError(self._nothing_fits())
+                    weights = [self.sources[j].spec.weight for j in live]
+                    (s,) = self.rng.choices(live, weights=weights)
+                again.append((i, (s, self._pop(s))))
+            todo = again
+        return [p for p in out if p is not None]
+
+    def _measured(self, prompts: list[Prompt]) -> list[Prompt]:
+        """``prompts`` with their token ids: prepared, else from ``encode``."""
+        todo = [i for i, p in enumerate(prompts) if p.prompt_ids is None]
+        if not todo:
+            return prompts
+        if self.encode is None:
+            path = self.sources[self.by_id[prompts[todo[0]].id][0]].spec.path
+            raise ValueError(
+                f"{path}: its prompts have no prepared token ids (`caravela data prepare`) and "
+                "this sampler has no encode to count them against max_prompt_tokens; pass "
+                "encode (texts -> token ids)"
+            )
+        out = list(prompts)
+        for i, ids in zip(todo, self.encode([prompts[i].text for i in todo]), strict=True):
+            out[i] = dataclasses.replace(prompts[i], prompt_ids=tuple(ids))
+        return out
+
+    def _too_long(self, s: int, row: int, tokens: int) -> None:
+        source = self.sources[s]
+        source.too_long.add(row)
+        p = source.prompts[row]
+        if p.id in self._logged:
+            return
+        self._logged.add(p.id)
+        self.log(
+            f"{source.spec.path}: prompt {p.id!r} has {tokens} tokens, more than "
+            f"max_prompt_tokens = {self.max_prompt_tokens} (the model's context minus "
+            f"rollout.max_new_tokens); skipped in every epoch, counted in {source.metric()}"
+        )
+
+    def _nothing_fits(self) -> str:
+        paths = ", ".join(str(s.spec.path) for s in self.sources if s.active)
+        return (
+            f"no prompt of the sampled datasets fits max_prompt_tokens = "
+            f"{self.max_prompt_tokens} (the model's context minus rollout.max_new_tokens): "
+            f"{paths}; lower rollout.max_new_tokens or add a dataset with shorter prompts"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Run totals: per dataset file stem, its prompts found longer than
+        ``max_prompt_tokens`` so far (each counted once, skipped whenever drawn). Empty
+        without a limit."""
+        out: dict[str, float] = {}
+        if self.max_prompt_tokens is not None:
+            for s in self.sources:
+                out[s.metric()] = out.get(s.metric(), 0.0) + float(len(s.too_long))
+        return out
 
     def add(self, spec: DatasetSpec) -> None:
         """``spec`` joins the mixture with its weight from the next ``sample()`` on; a dataset
@@ -267,7 +451,12 @@ class PromptSampler:
             "orders": [list(s.order) for s in self.sources],
             "first": [p.id for p in self.first],
             "datasets": [
-                {**s.spec.model_dump(mode="json"), "active": s.active, "rows": len(s.prompts)}
+                {
+                    **s.spec.model_dump(mode="json"),
+                    "active": s.active,
+                    "rows": len(s.prompts),
+                    "too_long": sorted(s.too_long),
+                }
                 for s in self.sources
             ],
         }
@@ -290,9 +479,9 @@ class PromptSampler:
         self.first = [self._prompt(*self.by_id[i]) for i in [*inflight, *state["first"]]]
 
     def _restore_sources(self, saved: list[dict[str, Any]]) -> None:
+        own = ("active", "rows", "too_long")
         specs = [
-            DatasetSpec.model_validate({k: v for k, v in d.items() if k not in ("active", "rows")})
-            for d in saved
+            DatasetSpec.model_validate({k: v for k, v in d.items() if k not in own}) for d in saved
         ]
         if [_key(s.spec) for s in self.sources] != [_key(x) for x in specs]:
             had = {_key(s.spec): s for s in self.sources}
@@ -310,6 +499,17 @@ class PromptSampler:
                     f"{d['rows']}: it changed since; restore the file or start a new run"
                 )
             source.spec, source.active = spec, bool(d["active"])
+            source.too_long = set(d.get("too_long", ()))  # logged by the run that found them
+            self._logged.update(source.prompts[row].id for row in source.too_long)
+
+
+def too_long_metrics(state: dict[str, Any]) -> dict[str, float]:
+    """``PromptSampler.metrics()`` as of ``state`` (a ``state()``)."""
+    out: dict[str, float] = {}
+    for d in state.get("datasets", ()):
+        key = f"prompts_too_long/{Path(d['path']).stem}"
+        out[key] = out.get(key, 0.0) + float(len(d.get("too_long", ())))
+    return out
 
 
 @dataclass
@@ -338,11 +538,18 @@ class Prefetcher:
         sampler: PromptSampler,
         batch_size: int,
         depth: int = 2,
-        encode: Callable[[list[str]], list[list[int]]] | None = None,
+        encode: Encode | None = None,
+        *,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         """``encode``: texts -> token ids, e.g. ``partial(encode_prompts, tokenizer)`` with a
-        tokenizer of its own (HF fast tokenizers must not be shared between threads)."""
+        tokenizer of its own (HF fast tokenizers must not be shared between threads).
+        ``max_prompt_tokens``: the sampler's ``limit``, measuring with ``encode`` where the
+        sampler has no encode of its own (every draw happens under this object's lock, so
+        the tokenizer is never used by two threads at once)."""
         self.sampler, self.batch_size, self.depth, self.encode = sampler, batch_size, depth, encode
+        if max_prompt_tokens is not None:
+            sampler.limit(max_prompt_tokens, sampler.encode or encode)
         self._cond = threading.Condition()
         self._queue: deque[_Batch] = deque()
         self._generation = 0  # bumped whenever the batches ahead are dropped
@@ -370,6 +577,13 @@ class Prefetcher:
     def state(self) -> dict[str, Any]:
         with self._cond:
             return self._queue[0].state if self._queue else self.sampler.state()
+
+    def metrics(self) -> dict[str, float]:
+        """The sampler's ``metrics()`` as of the prompts handed out (not those drawn ahead)."""
+        with self._cond:
+            if not self._queue or self.sampler.max_prompt_tokens is None:
+                return self.sampler.metrics()
+            return too_long_metrics(self._queue[0].state)
 
     def restore(self, state: dict[str, Any], inflight: Sequence[str] = ()) -> None:
         with self._cond:

@@ -23,31 +23,15 @@ import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.config import DatasetSpec, RunConfig
-from orchestrator.data import Prompt, read_prompts
-
-if TYPE_CHECKING:
-    import numpy as np
+from orchestrator.data import Prompt, TokenTable, read_prompts
 
 FORMAT = "caravela-prepared-v1"
 """Bump when ``encode_prompts`` changes what ids a text gets."""
 TOKENIZER_FILES = ("config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
 TOKENIZER_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece")
-
-
-class TokenTable:
-    """One dataset's prepared token ids, row by row: a flat int32 array and row offsets."""
-
-    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
-        self.values, self.offsets = values, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, row: int) -> tuple[int, ...]:
-        return tuple(self.values[self.offsets[row] : self.offsets[row + 1]].tolist())
 
 
 def heldout_spec(cfg: RunConfig) -> DatasetSpec:
@@ -81,7 +65,8 @@ def dataset_key(spec: DatasetSpec, tokenizer: str) -> str:
 
 
 class PreparedStore:
-    """Where prepared token ids live, for one tokenizer (the run's model directory)."""
+    """Where prepared token ids live, for one tokenizer (the run's model directory); the
+    ``orchestrator.data.TokenStore`` a ``PromptSampler`` reads them through."""
 
     def __init__(self, root: Path, model: Path, log: Callable[[str], Any] = print) -> None:
         self.root, self.model, self.log = Path(root), Path(model), log
@@ -207,7 +192,7 @@ def prepare(
 
 def prepared_ids(cfg: RunConfig, store: PreparedStore | None = None) -> dict[str, list[int]]:
     """Prompt id -> token ids, for every dataset of ``cfg`` (and the held-out file) whose
-    prepared file exists: the shape of ``orchestrator.loop.tokenize``'s cache."""
+    prepared file exists: the shape of ``orchestrator.rollout.tokenize``'s cache."""
     store = store or PreparedStore.for_run(cfg)
     out: dict[str, list[int]] = {}
     for spec in [*cfg.datasets, heldout_spec(cfg)]:

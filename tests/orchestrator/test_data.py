@@ -273,7 +273,7 @@ def small_run(tmp_path):
 
 def test_prepare_gives_the_loops_ids_is_reused_and_invalidated(small_run, tok, monkeypatch):
     from orchestrator import prepare as prep
-    from orchestrator.loop import tokenize
+    from orchestrator.rollout import tokenize
 
     cfg, lines = small_run, []
     files = prepare(cfg, workers=2, log=lines.append)
