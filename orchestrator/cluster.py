@@ -13,6 +13,14 @@ Two ways in:
 
 Ray reads ``RAY_AUTH_MODE`` when it is imported; both functions set it, and
 re-read Ray's config if Ray was imported before.
+
+The terminal shows Caravela's own lines only. What actors print (transformers' "Loading
+weights" bars, torch's c10d warnings, tracebacks) stays in Ray's session logs
+(``log_to_driver=False``), and so does what Ray's C++ core writes to this process's
+stderr while it starts (its "Failed to determine local IP" warning in a loopback-only
+namespace, where there is no route to probe). Both functions print once where those logs
+are. An actor's error still reaches the user: ``ray.get`` raises it, and Ray reports
+dead workers to the driver either way.
 """
 
 from __future__ import annotations
@@ -20,10 +28,18 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import socket
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+STARTUP_LOG = "driver-ray-start.err"
+"""Name of the file (in the session's ``logs/``) holding what Ray wrote to the driver's
+stderr while it started."""
 
 
 class ClusterError(RuntimeError):
@@ -60,13 +76,43 @@ def enable_token_auth(token_path: Path) -> None:
     ray._raylet.AuthenticationTokenLoader.instance().reset_cache()  # type: ignore[attr-defined]
 
 
+SOCKET_TAIL = len("/session_2026-12-01_23-04-27_446266_4194304/sockets/dash_MetricsHead")
+"""The longest path Ray puts under its temp dir: the dashboard's MetricsHead socket in a
+session named with a 7-digit pid."""
+
+
 def _temp_dir(run_dir: Path) -> str:
     # Ray's unix sockets live under the temp dir and must fit in 107 bytes.
     candidate = run_dir / "ray"
-    if len(str(candidate.resolve())) < 48:
+    if len(str(candidate.resolve())) + SOCKET_TAIL <= 107:
         candidate.mkdir(parents=True, exist_ok=True)
         return str(candidate.resolve())
     return tempfile.mkdtemp(prefix="caravela-ray-")
+
+
+@contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """This process's file descriptor 2, where C++ libraries write directly, goes to ``path``
+    meanwhile; on an error what was written there is echoed to the real stderr first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    except BaseException:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.write(Path(path).read_text(errors="replace"))
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _session_logs(context: Any) -> Path:
+    return Path(context.address_info["session_dir"]) / "logs"
 
 
 def start_local(
@@ -75,6 +121,7 @@ def start_local(
     resources: dict[str, float] | None = None,
     allow_network: bool = False,
     dashboard: bool = True,
+    log: Callable[[str], Any] = print,
 ) -> Any:
     """Start a private local Ray cluster for this run; returns ``ray.init``'s context."""
     if not allow_network and not loopback_only():
@@ -88,22 +135,35 @@ def start_local(
     enable_token_auth(write_token(run_dir / "ray-auth-token"))
     import ray
 
-    return ray.init(
-        num_cpus=num_cpus,
-        resources=resources,
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        _temp_dir=_temp_dir(run_dir),
-        logging_level=logging.WARNING,
-    )
+    temp_dir = _temp_dir(run_dir)
+    startup = Path(temp_dir) / STARTUP_LOG
+    with _stderr_to(startup):
+        context = ray.init(
+            num_cpus=num_cpus,
+            resources=resources,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _temp_dir=temp_dir,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    logs = _session_logs(context)
+    shutil.move(startup, logs / STARTUP_LOG)
+    log(f"Ray logs (what every actor prints: model loading, warnings, errors): {logs}")
+    return context
 
 
-def connect(address: str, token_path: Path) -> Any:
+def connect(address: str, token_path: Path, log: Callable[[str], Any] = print) -> Any:
     """Join the running cluster at ``address`` with the launcher's token file."""
     enable_token_auth(token_path)
     import ray
 
     try:
-        return ray.init(address=address, logging_level=logging.WARNING)
+        context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, ray.exceptions.AuthenticationError) as e:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {e}") from e
+    log(
+        f"Ray logs (what every actor prints: model loading, warnings, errors): "
+        f"{_session_logs(context)} on each node"
+    )
+    return context
