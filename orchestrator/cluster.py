@@ -133,24 +133,17 @@ def start_local(
         )
     run_dir = Path(run_dir)
     enable_token_auth(write_token(run_dir / "ray-auth-token"))
-    import ray
-
     temp_dir = _temp_dir(run_dir)
-    startup = Path(temp_dir) / STARTUP_LOG
-    with _stderr_to(startup):
-        context = ray.init(
-            num_cpus=num_cpus,
-            resources=resources,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            _temp_dir=temp_dir,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-    logs = _session_logs(context)
-    shutil.move(startup, logs / STARTUP_LOG)
-    log(f"Ray logs (what every actor prints: model loading, warnings, errors): {logs}")
-    return context
+    return _init(
+        Path(temp_dir) / STARTUP_LOG,
+        log,
+        "",
+        num_cpus=num_cpus,
+        resources=resources,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        _temp_dir=temp_dir,
+    )
 
 
 def connect(address: str, token_path: Path, log: Callable[[str], Any] = print) -> Any:
@@ -158,12 +151,23 @@ def connect(address: str, token_path: Path, log: Callable[[str], Any] = print) -
     enable_token_auth(token_path)
     import ray
 
+    fd, startup = tempfile.mkstemp(prefix="caravela-ray-start-", suffix=".err")
+    os.close(fd)
     try:
-        context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return _init(Path(startup), log, " on each node", address=address)
     except (ConnectionError, ray.exceptions.AuthenticationError) as e:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {e}") from e
-    log(
-        f"Ray logs (what every actor prints: model loading, warnings, errors): "
-        f"{_session_logs(context)} on each node"
-    )
+
+
+def _init(startup: Path, log: Callable[[str], Any], where: str, **options: Any) -> Any:
+    """``ray.init(**options)`` with actors' output kept in the session logs and Ray's start-up
+    stderr in ``startup``, moved there too; says once where the logs are."""
+    import ray
+
+    with _stderr_to(startup):
+        context = ray.init(logging_level=logging.WARNING, log_to_driver=False, **options)
+    logs = _session_logs(context)
+    if logs.is_dir():  # joined: the head's session dir may be on another machine
+        shutil.move(startup, logs / STARTUP_LOG)
+    log(f"Ray logs (what every actor prints: model loading, warnings, errors): {logs}{where}")
     return context
