@@ -41,7 +41,10 @@ class Manifest(StrictModel):
     ``batch(items: list[dict])`` returning one result per item; or a TRL reward function
     ``fn(prompts, completions, **columns) -> list[float]``, used as-is."""
     isolation: Literal["process", "venv", "docker", "apptainer"] = "venv"
-    """Default isolation for this env."""
+    """How the env runs when a run config's ``[[envs]]`` entry names no isolation
+    (``EnvSpec.resolved_isolation``): ``venv``, its own venv; ``process``, Caravela's own
+    Python (trusted envs only); ``docker`` or ``apptainer``, for which that entry must give
+    the image."""
     requirements: list[str] = Field(default_factory=list)
     """pip requirement specifiers installed into the env's venv."""
     lock: str | None = None
