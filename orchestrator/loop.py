@@ -26,7 +26,7 @@ from typing import Any
 
 from orchestrator import checkpoint
 from orchestrator.config import RunConfig
-from orchestrator.data import Prefetcher, PromptSampler
+from orchestrator.data import Prefetcher, PromptSampler, context_limit
 from orchestrator.evaluate import EvalResult, describe, evaluate_heldout
 from orchestrator.live import LiveEnvs
 from orchestrator.parts import Parts, open_parts
@@ -90,7 +90,7 @@ def train(
                 state.version += 1
                 metrics["seconds/train"] = time.perf_counter() - t1
                 metrics |= parts.push(state.version)
-            metrics |= parts.metrics()  # engines alive/dead, requeued; per env restarts, errors
+            metrics |= parts.metrics() | sampler.metrics()  # faults, errors, prompts too long
             # checkpoint, next rollout, record
             state.step = step + 1
             every = cfg.checkpoint.every_steps
@@ -174,19 +174,28 @@ def load_policy(cfg: RunConfig) -> tuple[Any, Any]:
             f"model dir {cfg.model} has no config.json; point `model` at a "
             "HF-format directory (hub ids are not supported offline)"
         )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise here
     tok = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.trainer.dtype))
     return model, tok
 
 
-def prompt_stream(cfg: RunConfig, tok: Any, log: Log) -> Prefetcher:
-    """The run's prompts, drawn and tokenized ahead in a background thread."""
+def prompt_stream(cfg: RunConfig, log: Log) -> Prefetcher:
+    """The run's prompts, drawn and tokenized ahead in a background thread (with a tokenizer
+    of its own: HF fast tokenizers must not be shared between threads). Prompts that leave
+    no room for ``rollout.max_new_tokens`` in the model's context are never drawn."""
+    from transformers import AutoTokenizer
+
     from inference_server.tokens import encode_prompts
 
+    context = context_limit(cfg.model)
     return Prefetcher(
-        PromptSampler(cfg.datasets, cfg.seed, store=PreparedStore.for_run(cfg, log)),
+        PromptSampler(cfg.datasets, cfg.seed, store=PreparedStore.for_run(cfg, log), log=log),
         batch_size=cfg.rollout.prompts_per_step,
-        encode=partial(encode_prompts, tok),
+        encode=partial(encode_prompts, AutoTokenizer.from_pretrained(cfg.model)),
+        max_prompt_tokens=None if context is None else context - cfg.rollout.max_new_tokens,
     )
 
 
@@ -198,8 +207,8 @@ def run(cfg: RunConfig, log: Log = print) -> RunSummary:
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     model, tok = load_policy(cfg)
     with ExitStack() as stack:
-        parts = stack.enter_context(open_parts(cfg, tok))
-        sampler = stack.enter_context(prompt_stream(cfg, tok, log))
+        parts = stack.enter_context(open_parts(cfg, tok, log))
+        sampler = stack.enter_context(prompt_stream(cfg, log))
         live = None
         if cfg.env_api.enabled:
             live = LiveEnvs(cfg, parts.scorer, sampler, log)

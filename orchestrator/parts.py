@@ -156,7 +156,7 @@ def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
 
 
 @contextmanager
-def open_parts(cfg: RunConfig, tok: Any) -> Iterator[Parts]:
+def open_parts(cfg: RunConfig, tok: Any, log: Any = print) -> Iterator[Parts]:
     """The run's parts as ``cluster.mode`` says; stopped on the way out. On Ray: the cluster
     this process is already connected to (left running), else one this joins or starts (and
     leaves)."""
@@ -168,7 +168,7 @@ def open_parts(cfg: RunConfig, tok: Any) -> Iterator[Parts]:
 
         owned = not ray.is_initialized()
         if owned:
-            _start_ray(cfg)
+            _start_ray(cfg, log)
         try:
             parts = ray_parts(cfg, tok)
         except BaseException:
@@ -185,7 +185,7 @@ def open_parts(cfg: RunConfig, tok: Any) -> Iterator[Parts]:
             ray.shutdown()
 
 
-def _start_ray(cfg: RunConfig) -> None:
+def _start_ray(cfg: RunConfig, log: Any) -> None:
     """Join ``cluster.address``, or start a private local cluster with both node roles."""
     from orchestrator.cluster import connect, start_local
 
@@ -193,11 +193,12 @@ def _start_ray(cfg: RunConfig) -> None:
     if c.address:
         if c.token_path is None:
             raise ValueError("cluster.address needs cluster.token_path (the cluster's token)")
-        connect(c.address, c.token_path)
+        connect(c.address, c.token_path, log=log)
     else:
         start_local(
             Path(cfg.output_dir),
             num_cpus=c.num_cpus or 4 * (os.cpu_count() or 1),
             resources={"inference_node": 1, "trainer_node": 1},
             allow_network=c.allow_network,
+            log=log,
         )

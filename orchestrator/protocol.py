@@ -45,7 +45,7 @@ class SamplerState(_Saved):
     """Prompt ids handed out before any new draw."""
     datasets: list[dict[str, Any]]
     """Per dataset: its spec, whether it is sampled now, its row count (a changed file is
-    refused on resume)."""
+    refused on resume), its rows too long for the context (``too_long``)."""
 
 
 class DriverState(BaseModel):

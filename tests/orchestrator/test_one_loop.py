@@ -115,3 +115,30 @@ def test_local_mode_refuses_what_needs_ray_naming_the_field(setting):
     msg = str(e.value)
     assert "cluster.mode = 'ray'" in msg
     assert (field if field != "envs" else "envs[0].replicas") in msg
+
+
+def test_a_prompt_longer_than_the_context_is_never_generated_and_is_counted(tmp_path):
+    """vLLM refuses a prompt with no room for ``max_new_tokens`` in the model's context
+    (the tiny model's is 128) and that used to end the run: now it is never drawn."""
+    from common.paths import TINY_TRAIN
+
+    with open(TINY_TRAIN) as f:
+        rows = [json.loads(next(f)) for _ in range(7)]
+    rows.insert(3, {**rows[0], "id": "too-long", "prompt": "Q: " + "1+" * 60 + "1 A: "})
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    sets = [
+        "cluster.mode=local",
+        "inference.backend.type=vllm",
+        "inference.backend.compile=false",
+        "steps=2",
+        f"datasets=[{{path='{data}', env='arith'}}]",
+    ]
+    done = subprocess.run(caravela(out, *sets), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "prompt 'too-long'" in done.stdout  # logged, with its id
+    metrics = lines(out / "metrics.jsonl")
+    assert [m["prompts_too_long/mixed"] for m in metrics] == [1.0, 1.0]  # counted once
+    drawn = [p for s in lines(out / "prompts.jsonl") for p in s["prompts"]]
+    assert len(drawn) == 16 and "too-long" not in drawn

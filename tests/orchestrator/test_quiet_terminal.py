@@ -56,11 +56,6 @@ def test_actor_and_ray_noise_stays_in_the_logs(run):
     assert "before:" in terminal and "after :" in terminal
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the driver's own model load (orchestrator.loop.load_policy) still draws "
-    "transformers' bar: disable it there, then remove this mark",
-)
 def test_the_driver_draws_no_loading_bar(run):
     terminal, _ = run
     assert NOISE["bar"] not in terminal
