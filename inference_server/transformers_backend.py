@@ -44,6 +44,10 @@ class TransformersEngine:
         """``version``, callable through a Ray actor handle."""
         return self.version
 
+    def shutdown(self) -> None:
+        """Nothing to stop: the model lives in the caller's process (the vLLM engine's
+        counterpart stops its engine processes)."""
+
     def inflight(self) -> int:
         """Requests being generated now (0 or 1 call's worth: calls are serialised)."""
         return int(self.lock.locked())
