@@ -21,8 +21,7 @@ class EngineActors(StrictModel):
 
 
 class TransformersBackend(EngineActors):
-    """HF ``generate``: faster than vLLM on CPU below ~20M parameters. In a single-process run
-    it shares the trainer's model object (no weight transfer)."""
+    """HF ``generate``: faster than vLLM on CPU below ~20M parameters."""
 
     type: Literal["transformers"] = "transformers"
     """Selects this backend."""

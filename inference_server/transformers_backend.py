@@ -1,11 +1,11 @@
 """HF ``generate`` backend: batched sampling with per-token logprobs, in the caller's process.
 
 For tiny models it beats vLLM on CPU (DESIGN.md: break-even near 20M
-parameters), and it lets a single-process run share one model object between
-generation and training, so there is no weight transfer at all.
+parameters).
 
-``TransformersEngine`` wraps a model object it is given; ``DirTransformersEngine``
-loads its own from a directory (a Ray engine actor, ``caravela serve``) and then
+``TransformersEngine`` wraps a model object it is given (held-out evaluation);
+``DirTransformersEngine`` loads its own from a directory (the run's engine, as a Ray
+actor or in the driver's process; ``caravela serve``) and then
 takes version-tagged weight updates checked like the vLLM engine's. Both are
 thread-safe: calls are served one at a time.
 """
