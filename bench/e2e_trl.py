@@ -18,8 +18,8 @@ One process runs, back to back, the same task with the same settings:
 Same tiny model, training prompts, reward function (the ``arith`` env's ``score``; TRL
 calls it in-process, Caravela through its env pool), group size, prompts per step,
 ``max_new_tokens``, temperature, optimiser and loss. Every ``--every`` steps each side's
-weights are kept (TRL and ``local``: copied in memory, the copy's time taken out of the
-step; ``ray``: the run's own checkpoints, ``checkpoint.every_steps``). After all sides
+weights are kept (TRL: copied in memory, the copy's time taken out of the step; Caravela,
+either mode: the run's own checkpoints, ``checkpoint.every_steps``, inside the timed step). After all sides
 have trained, each copy is scored by the same function, ``orchestrator.evaluate.
 evaluate_passk`` (greedy, sampled pass@1 and pass@k, the arith ``score`` in-process, seed
 ``cfg.seed``) on the first ``--eval-prompts`` held-out prompts; step 0 (the shipped model,
@@ -242,50 +242,23 @@ def run_trl(cfg: RunConfig, args: argparse.Namespace, out: Path) -> Side:
 
 
 def run_caravela(name: str, cfg: RunConfig, args: argparse.Namespace) -> Side:
-    """``orchestrator.loop.run``; in local mode weights are copied after every ``every``-th
-    weight push (one per step), in ray mode read back from the run's checkpoints."""
+    """``orchestrator.loop.run`` (one loop, either mode); the weights of every ``every``-th
+    step are read back from the run's checkpoints (written inside the timed steps)."""
     side = Side(name)
     t_start = time.perf_counter()
-    copy_seconds: dict[int, float] = {}
-    base = loop.Policy
-
-    class Keeping(base):  # type: ignore[misc, valid-type]
-        pushes = 0
-
-        def push(self, version: int) -> dict[str, float]:
-            metrics = super().push(version)
-            Keeping.pushes += 1
-            if Keeping.pushes % args.every == 0:
-                t0 = time.perf_counter()
-                side.kept[Keeping.pushes] = snapshot(self.model)
-                copy_seconds[Keeping.pushes - 1] = time.perf_counter() - t0
-            return metrics
-
-    if cfg.cluster.mode == "local":
-        side.kept[0] = snapshot(loop.load_policy(cfg)[0])
-        loop.Policy = Keeping  # type: ignore[misc]
-    try:
-        summary = loop.run(cfg, log=lambda *_: None)
-    finally:
-        loop.Policy = base  # type: ignore[misc]
+    summary = loop.run(cfg, log=lambda *_: None)
     side.wall_seconds = time.perf_counter() - t_start
     h = summary.history
-    side.step_seconds = [x["step_seconds"] - copy_seconds.get(i, 0.0) for i, x in enumerate(h)]
+    side.step_seconds = [x["step_seconds"] for x in h]
     side.train_reward = [x["reward_mean"] for x in h]
     side.groups_trained = [x["groups_kept"] for x in h]
     side.phases["train"] = [x.get("seconds", 0.0) for x in h]  # Trainer.train_step
-    if "seconds/generate" in h[0]:
-        side.phases["rollout"] = [x["seconds/generate"] + x["seconds/score"] for x in h]
-        side.phases["sync"] = [x.get("seconds/sync", 0.0) for x in h]
-    else:  # one process: the rest of the step is generate + score (the push is a no-op)
-        side.phases["rollout"] = [
-            s - t for s, t in zip(side.step_seconds, side.phases["train"], strict=True)
-        ]
-    if cfg.cluster.mode == "ray":
-        side.kept[0] = snapshot(loop.load_policy(cfg)[0])
-        for ckpt in sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*")):
-            state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-            side.kept[int(ckpt.name.split("-")[1])] = state["model"]
+    side.phases["rollout"] = [x["seconds/generate"] + x["seconds/score"] for x in h]
+    side.phases["sync"] = [x.get("seconds/sync", 0.0) for x in h]
+    side.kept[0] = snapshot(loop.load_policy(cfg)[0])
+    for ckpt in sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*")):
+        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        side.kept[int(ckpt.name.split("-")[1])] = state["model"]
     return side
 
 

@@ -31,6 +31,19 @@ class EngineUnavailable(RuntimeError):
     """No live engine is left to serve requests."""
 
 
+def sync_metrics(t0: float, per_engine: list[Mapping[str, float]]) -> dict[str, float]:
+    """A weight push's metrics: seconds since ``t0``, engines reached, the longest pause."""
+    import time
+
+    return {
+        "weight_sync/seconds": time.perf_counter() - t0,
+        "weight_sync/engines": float(len(per_engine)),
+        "weight_sync/pause_seconds": max(
+            m.get("weight_sync/pause_seconds", 0.0) for m in per_engine
+        ),
+    }
+
+
 def _work(r: GenerateRequest) -> int:
     return r.sampling.n * r.sampling.max_tokens
 
@@ -127,12 +140,7 @@ class EngineRouter:
         t0 = time.perf_counter()
         ref = state if isinstance(state, ray.ObjectRef) else ray.put(HostState.of(state))
         per = self._all(lambda h: h.update_weights.remote(version, ref, bucket_bytes))
-        pause = max(m.get("weight_sync/pause_seconds", 0.0) for m in per.values())
-        return {
-            "weight_sync/seconds": time.perf_counter() - t0,
-            "weight_sync/engines": float(len(per)),
-            "weight_sync/pause_seconds": pause,
-        }
+        return sync_metrics(t0, list(per.values()))
 
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
@@ -187,12 +195,7 @@ class LocalRouter:
 
         t0 = time.perf_counter()
         per = [e.update_weights(version, state, bucket_bytes) for e in self.engines.values()]
-        pause = max(m.get("weight_sync/pause_seconds", 0.0) for m in per)
-        return {
-            "weight_sync/seconds": time.perf_counter() - t0,
-            "weight_sync/engines": float(len(per)),
-            "weight_sync/pause_seconds": pause,
-        }
+        return sync_metrics(t0, per)
 
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
