@@ -11,7 +11,9 @@ The gradient of ``log softmax(z)[t]`` w.r.t. the logits ``z`` is
 
 ``micro_batch_logprobs`` runs a HF causal LM on a ``MicroBatch`` and feeds its
 final hidden states to that head: the one path the trainer, the weight-sync probe
-and the GPU benchmark share. Torch only, so it runs where pydantic is absent.
+and the GPU benchmark share. ``temperature`` T gives the logprobs (and entropies)
+of ``softmax(logits / T)``, the distribution an engine sampling at T draws from.
+Torch only, so it runs where pydantic is absent.
 """
 
 from __future__ import annotations
@@ -137,29 +139,32 @@ class PolicyLogprobs(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return _micro_batch_logprobs(self.model, mb, self.chunk_size)
+    def forward(
+        self, mb: MicroBatch, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _micro_batch_logprobs(self.model, mb, self.chunk_size, temperature)
 
 
 def micro_batch_logprobs(
-    model: nn.Module, mb: MicroBatch, chunk_size: int
+    model: nn.Module, mb: MicroBatch, chunk_size: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprobs and entropies ``[N]`` of the completion tokens of a micro-batch (``model``:
-    a causal LM, or a ``PolicyLogprobs`` around one)."""
+    """Logprobs and entropies ``[N]`` of the completion tokens of a micro-batch under
+    ``softmax(logits / temperature)`` (``model``: a causal LM, or a ``PolicyLogprobs``
+    around one)."""
     if isinstance(model, PolicyLogprobs):
-        out: tuple[torch.Tensor, torch.Tensor] = model(mb)
+        out: tuple[torch.Tensor, torch.Tensor] = model(mb, temperature)
         return out
-    return _micro_batch_logprobs(model, mb, chunk_size)
+    return _micro_batch_logprobs(model, mb, chunk_size, temperature)
 
 
 def _micro_batch_logprobs(
-    model: nn.Module, mb: MicroBatch, chunk_size: int
+    model: nn.Module, mb: MicroBatch, chunk_size: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     head = model.get_output_embeddings()  # type: ignore[operator]
     if getattr(head, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by the chunked logprob path")
     targets = mb.target_ids.to(head.weight.device)
-    return token_logprobs(hidden_at(model, mb), head.weight, targets, chunk_size)
+    return token_logprobs(hidden_at(model, mb), head.weight, targets, chunk_size, temperature)
 
 
 def sequence_logprobs(

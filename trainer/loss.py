@@ -43,7 +43,8 @@ class LossInputs:
     num_tokens: loss tokens in the whole optimizer step (normaliser).
     max_completion_length: the constant normaliser of Dr. GRPO.
     ref_logprobs: ``[N]`` reference-model logprobs, needed when ``kl_beta > 0``.
-    engine_logprobs: ``[N]`` logprobs the inference engine reported, needed for TIS.
+    engine_logprobs: ``[N]`` logprobs the inference engine reported, needed for TIS; when
+        given, the gap to ``old_logprobs`` is reported (``engine/logprob_diff_*``).
     entropy: ``[N]`` per-token entropy, only reported as a metric.
     """
 
@@ -147,6 +148,10 @@ def clipped_surrogate(
     per_token = -torch.min(ratio * adv, clipped * adv)
 
     metrics: dict[str, float] = {}
+    if inp.engine_logprobs is not None:  # trainer vs engine on the same policy version
+        gap = (inp.old_logprobs - inp.engine_logprobs).detach().abs()
+        metrics["engine/logprob_diff_mean"] = _mean(gap)
+        metrics["engine/logprob_diff_max"] = float(gap.max())
     if params.tis_cap is not None:
         assert inp.engine_logprobs is not None
         raw = torch.exp(inp.old_logprobs - inp.engine_logprobs).detach()
@@ -164,8 +169,11 @@ def clipped_surrogate(
     with torch.no_grad():
         r = ratio.detach()
         lr = log_ratio.detach()
-        metrics["clip/low_frac"] = _mean((r < 1 - params.eps_low) & (adv < 0))
-        metrics["clip/high_frac"] = _mean((r > 1 + params.eps_high) & (adv > 0))
+        low = (r < 1 - params.eps_low) & (adv < 0)
+        high = (r > 1 + params.eps_high) & (adv > 0)
+        metrics["clip/low_frac"] = _mean(low)
+        metrics["clip/high_frac"] = _mean(high)
+        metrics["clip/frac"] = _mean(low | high)  # tokens whose gradient the clip zeroes
         metrics["ratio/mean"] = _mean(r)
         metrics["ratio/max"] = float(r.max())
         metrics["approx_kl"] = _mean(torch.expm1(lr) - lr)

@@ -60,3 +60,9 @@ class TrainBatch(BaseModel):
     """Scored samples; zero-variance groups are already dropped if the config says so."""
     max_completion_length: int = Field(ge=1)
     """Generation cap in tokens; Dr. GRPO's constant normaliser."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature the engines generated ``samples`` at. The trainer's policy is the
+    sampling policy ``softmax(logits / temperature)``: its logprobs (ratio, TIS weights against
+    ``engine_logprobs``, which engines report after temperature), the reference model's (KL)
+    and the entropy are all computed at this temperature. Engines must sample with top_p 1 and
+    top_k off for the two to be the same distribution."""

@@ -1,28 +1,39 @@
-"""The single-process training step: scored samples in, one optimizer update out.
+"""The single-process training step: scored samples in, one new policy version out.
 
 ``Trainer`` is a plain class (unit tests construct it directly; the Ray actor
 group wraps it later). One ``train_step``:
 
-1. lays the samples out in micro-batches (packed or padded, ``trainer.packing``),
-2. per micro-batch: forward to the final hidden states, chunked per-token
-   logprobs of the completion tokens, the configured policy loss normalised by
-   the whole step's sequence/token counts, backward (gradient accumulation),
-3. clips the gradient norm and steps AdamW.
+1. splits the samples, in order and balanced by tokens, into ``updates_per_batch``
+   (mu) mini-batches (``minibatches``) and lays each out in micro-batches (packed
+   or padded, ``trainer.packing``),
+2. with mu > 1, computes the "old" logprobs of every sample once, without grad,
+   under the weights before the first update: the denominator of every
+   importance ratio of the step. With mu = 1 the old policy is the current one:
+   the ratio is exactly 1 and ``old_logprobs`` are the detached current
+   logprobs (no extra forward),
+3. per mini-batch (one optimizer update each): per micro-batch, forward to the
+   final hidden states, chunked per-token logprobs of the completion tokens at
+   the batch's sampling temperature, the configured policy loss normalised by
+   the mini-batch's sequence/token counts, backward (gradient accumulation);
+   then clips the gradient norm and steps AdamW.
 
-With one update per batch the "old" policy is the current one, so the ratio is
-exactly 1 and ``old_logprobs`` are the detached current logprobs.
+The policy version advances by one per ``train_step`` whatever mu is: one batch,
+one set of weights pushed to the engines.
 
 Data parallel (``torch.distributed`` initialised, e.g. by the Ray trainer group):
-every rank receives the whole batch, takes its share of the samples (balanced by
-tokens, ``shard``), normalises its loss by the *whole* batch's counts and, after
-its backward passes, all-reduces (sums) the gradients. The update is therefore
-the single-process update on the whole batch, whatever the number of ranks
-(tested); metrics are summed across ranks the same way.
+every rank receives the whole batch, takes its share of each mini-batch
+(balanced by tokens, ``shard``), normalises its loss by the *whole* mini-batch's
+counts and, after its backward passes, all-reduces (sums) the gradients. Every
+rank makes the same mu updates (and, under FSDP2, as many forward/backward
+passes: idle ones where its share is smaller). The update is therefore the
+single-process update, whatever the number of ranks (tested); metrics are summed
+across ranks the same way.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from typing import Any
 
@@ -47,6 +58,22 @@ def shard(lengths: list[int], rank: int, world: int) -> list[int]:
         if r == rank:
             mine.append(i)
     return sorted(mine)
+
+
+def minibatches(lengths: list[int], parts: int) -> list[list[int]]:
+    """Sample indices split, in order, into ``min(parts, len(lengths))`` non-empty runs of
+    near-equal token counts (``lengths``): the mini-batches of one batch's updates."""
+    n = len(lengths)
+    parts = max(1, min(parts, n))
+    cumulative = list(itertools.accumulate(lengths))  # tokens in samples [0, i]
+    bounds = [0]
+    for k in range(1, parts):
+        target = cumulative[-1] * k / parts
+        # the run ends before sample b: leave at least one sample to each later run
+        candidates = range(bounds[-1] + 1, n - (parts - k) + 1)
+        bounds.append(min(candidates, key=lambda b: (abs(cumulative[b - 1] - target), b)))
+    bounds.append(n)
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 def fsdp2(policy: PolicyLogprobs) -> None:
@@ -123,23 +150,69 @@ class Trainer:
         return micro
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer update on ``batch``; returns metrics (token-weighted means)."""
+        """``updates_per_batch`` optimizer updates on ``batch`` (one new policy version);
+        returns metrics: token-weighted means over the whole batch (so over the updates), loss
+        and gradient norm averaged over the updates."""
         t0 = time.perf_counter()
-        samples = batch.samples
-        mine = shard([len(s.completion_ids) for s in samples], self.rank, self.world)
-        micro = self.layout(batch, mine)
-        num_tokens = sum(len(s.completion_ids) for s in samples)
+        lengths = [len(s.completion_ids) for s in batch.samples]
+        parts = minibatches(lengths, self.cfg.updates_per_batch)
+        updates = []  # per mini-batch: the micro-batches of this rank's share
+        for part in parts:
+            mine = shard([lengths[i] for i in part], self.rank, self.world)
+            updates.append(self.layout(batch, [part[i] for i in mine]))
+        # the ratio's denominator: the policy before the first update (with one update, the
+        # current logprobs themselves, detached: no extra forward)
+        old = self._old_logprobs(batch, updates) if len(parts) > 1 else None
         sums: dict[str, float] = {}
+        total_loss, grad_norm = 0.0, 0.0
+        for k, (part, micro) in enumerate(zip(parts, updates, strict=True)):
+            loss, norm = self._update(batch, part, micro, None if old is None else old[k], sums)
+            total_loss += loss
+            grad_norm += norm
+        self.version += 1
+        every = [mb for micro in updates for mb in micro]
+        tokens = float(sum(mb.real_tokens for mb in every))
+        if self.world > 1:
+            total_loss, sums = self._reduce_metrics(total_loss, sums)
+            counted = torch.tensor([tokens])
+            dist.all_reduce(counted, op=dist.ReduceOp.SUM)
+            tokens = counted.item()
+        seconds = time.perf_counter() - t0
+        num_tokens = sum(lengths)
+        out = {k: (v if k.endswith("max") else v / num_tokens) for k, v in sums.items()}
+        out.update(
+            loss=total_loss / len(parts),
+            grad_norm=grad_norm / len(parts),
+            lr=float(self.scheduler.get_last_lr()[0]),
+            updates=float(len(parts)),
+            micro_batches=float(len(every)),
+            padding_frac=padding_fraction(every) if every else 0.0,
+            tokens=tokens,
+            seconds=seconds,
+        )
+        out["tokens_per_s"] = out["tokens"] / seconds
+        return out
+
+    def _update(
+        self,
+        batch: TrainBatch,
+        part: list[int],
+        micro: list[MicroBatch],
+        old: list[torch.Tensor] | None,
+        sums: dict[str, float],
+    ) -> tuple[float, float]:
+        """One optimizer step on the mini-batch ``part`` (this rank trains ``micro``, its
+        share), normalised by the mini-batch's counts; adds token-weighted metric sums to
+        ``sums``. Returns this rank's loss and the global gradient norm before clipping."""
+        num_sequences = len(part)
+        num_tokens = sum(len(batch.samples[i].completion_ids) for i in part)
         total_loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        idle = 0
-        if self.sharded:  # FSDP2's collectives run per pass: every rank makes as many
-            most = torch.tensor([len(micro)])
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            idle = int(most.item()) - len(micro)
-        for mb in micro:
-            logps, entropy = self.policy(mb)
-            inp = self._loss_inputs(batch, mb, logps, entropy, num_tokens)
+        idle = self._idle_passes(len(micro))
+        for j, mb in enumerate(micro):
+            logps, entropy = self.policy(mb, batch.temperature)
+            old_logps = logps.detach() if old is None else old[j]
+            inp = self._loss_inputs(batch, mb, logps, old_logps, entropy, num_sequences, num_tokens)
             loss, metrics = policy_loss(self.cfg.loss.type, inp, self.loss_params)
             (loss * self.world if self.sharded else loss).backward()  # FSDP2 averages
             total_loss += float(loss.detach())
@@ -150,16 +223,12 @@ class Trainer:
                 else:
                     sums[k] = sums.get(k, 0.0) + v * n
         if idle:  # passes that change no gradient, matching the other ranks' passes
-            (spare,) = self.layout(batch, [0])
+            spare = self._spare(batch)
             for _ in range(idle):
-                logps, _ = self.policy(spare)
+                logps, _ = self.policy(spare, batch.temperature)
                 (logps.sum() * 0.0).backward()
-        tokens = float(sum(mb.real_tokens for mb in micro))
-        if self.world > 1:
-            total_loss, sums = self._all_reduce(total_loss, sums, grads=not self.sharded)
-            counted = torch.tensor([tokens])
-            dist.all_reduce(counted, op=dist.ReduceOp.SUM)
-            tokens = counted.item()
+        if self.world > 1 and not self.sharded:
+            self._all_reduce_grads()
         grad_norm: Any = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.max_grad_norm
         )
@@ -167,20 +236,36 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
-        self.version += 1
-        seconds = time.perf_counter() - t0
-        out = {k: (v if k.endswith("max") else v / num_tokens) for k, v in sums.items()}
-        out.update(
-            loss=total_loss,
-            grad_norm=float(grad_norm),
-            lr=float(self.scheduler.get_last_lr()[0]),
-            micro_batches=float(len(micro)),
-            padding_frac=padding_fraction(micro) if micro else 0.0,
-            tokens=tokens,
-            seconds=seconds,
-        )
-        out["tokens_per_s"] = out["tokens"] / seconds
-        return out
+        return total_loss, float(grad_norm)
+
+    @torch.no_grad()
+    def _old_logprobs(
+        self, batch: TrainBatch, updates: list[list[MicroBatch]]
+    ) -> list[list[torch.Tensor]]:
+        """Logprobs of every micro-batch of every update under the current (pre-update)
+        weights, at the sampling temperature."""
+        idle = self._idle_passes(sum(len(micro) for micro in updates))  # before any pass
+        old = [[self.policy(mb, batch.temperature)[0] for mb in micro] for micro in updates]
+        if idle:
+            spare = self._spare(batch)
+            for _ in range(idle):
+                self.policy(spare, batch.temperature)
+        return old
+
+    def _idle_passes(self, passes: int) -> int:
+        """Passes this rank must add so that every rank makes as many: FSDP2 runs its
+        collectives per forward (and backward) pass. 0 unless sharded; a collective itself,
+        so call it before the passes."""
+        if not self.sharded:
+            return 0
+        most = torch.tensor([passes])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most.item()) - passes
+
+    def _spare(self, batch: TrainBatch) -> MicroBatch:
+        """A one-sample micro-batch for idle passes (its results are thrown away)."""
+        (spare,) = self.layout(batch, [0])
+        return spare
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's whole weights; under FSDP2 a collective every rank must call."""
@@ -223,15 +308,18 @@ class Trainer:
             )
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def _all_reduce(
-        self, total_loss: float, sums: dict[str, float], grads: bool = True
-    ) -> tuple[float, dict[str, float]]:
-        """Sum gradients (unless FSDP2 reduced them) and metric sums (max for ``*max``)."""
-        for p in self.model.parameters() if grads else ():
+    def _all_reduce_grads(self) -> None:
+        """Sum the gradients over ranks (the replicate path; FSDP2 reduces its own)."""
+        for p in self.model.parameters():
             if p.requires_grad:
                 if p.grad is None:  # a rank whose share never touched this parameter
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def _reduce_metrics(
+        self, total_loss: float, sums: dict[str, float]
+    ) -> tuple[float, dict[str, float]]:
+        """Sum the loss and metric sums over ranks (max for ``*max``)."""
         everyone: list[list[str]] = [[] for _ in range(self.world)]
         dist.all_gather_object(everyone, sorted(sums))  # a rank may have had no samples
         keys = sorted({k for ks in everyone for k in ks})
@@ -248,31 +336,34 @@ class Trainer:
         batch: TrainBatch,
         mb: MicroBatch,
         logps: torch.Tensor,
+        old_logps: torch.Tensor,
         entropy: torch.Tensor,
+        num_sequences: int,
         num_tokens: int,
     ) -> LossInputs:
         samples = [batch.samples[i] for i in mb.sample_ids]
         dev = logps.device
         extra: dict[str, Any] = {}
-        if self.loss_params.tis_cap is not None:
-            if any(s.engine_logprobs is None for s in samples):
-                raise ValueError("loss.tis_cap is set but some samples carry no engine_logprobs")
+        missing = any(s.engine_logprobs is None for s in samples)
+        if self.loss_params.tis_cap is not None and missing:
+            raise ValueError("loss.tis_cap is set but some samples carry no engine_logprobs")
+        if not missing:  # TIS weights, and the trainer-engine gap as a metric
             extra["engine_logprobs"] = torch.tensor(
                 [lp for s in samples for lp in s.engine_logprobs or []], device=dev
             )
         if self.ref_model is not None:
             with torch.no_grad():
                 extra["ref_logprobs"], _ = micro_batch_logprobs(
-                    self.ref_model, mb, self.cfg.logprob_chunk_size
+                    self.ref_model, mb, self.cfg.logprob_chunk_size, batch.temperature
                 )
         return LossInputs(
             logprobs=logps,
-            old_logprobs=logps.detach(),
+            old_logprobs=old_logps,
             advantages=torch.tensor(
                 [s.advantage for s in samples], dtype=torch.float32, device=dev
             ),
             seq_ids=mb.seq_ids.to(dev),
-            num_sequences=len(batch.samples),
+            num_sequences=num_sequences,
             num_tokens=num_tokens,
             max_completion_length=batch.max_completion_length,
             entropy=entropy,

@@ -1,5 +1,6 @@
 """Two gloo ranks (real torch.distributed processes) make exactly the single-process update,
-with the model replicated or sharded with FSDP2 (``fully_shard``, on CPU with gloo)."""
+with the model replicated or sharded with FSDP2 (``fully_shard``, on CPU with gloo), with one
+or two optimizer updates per batch."""
 
 import copy
 import random
@@ -44,23 +45,24 @@ def make_batch(n=11):
     return TrainBatch(step=0, samples=samples, max_completion_length=20)
 
 
-def cfg(loss, sharding="replicate"):
+def cfg(loss, sharding="replicate", mu=1):
     return TrainerConfig(
         lr=1e-2,
         loss={"type": loss},
         sharding=sharding,
+        updates_per_batch=mu,
         max_tokens_per_micro_batch=48,
         pack_row_tokens=48,
         logprob_chunk_size=16,
     )
 
 
-def _rank(rank, world, port, loss, sharding, queue):
+def _rank(rank, world, port, loss, sharding, mu, queue):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    trainer = Trainer(make_model(), cfg(loss, sharding))
+    trainer = Trainer(make_model(), cfg(loss, sharding, mu))
     assert trainer.sharded == (sharding == "fsdp2")
     metrics = [trainer.train_step(make_batch()) for _ in range(2)]
     # whole weights, gathered from the shards; numpy, not tensors: torch would pass
@@ -69,7 +71,7 @@ def _rank(rank, world, port, loss, sharding, queue):
     saved = [copy.deepcopy(trainer.checkpoint())]  # whole optimizer state (rank 0 if FSDP2)
     dist.broadcast_object_list(saved, src=0)
     third = trainer.train_step(make_batch(5))
-    resumed = Trainer(make_model(), cfg(loss, sharding))
+    resumed = Trainer(make_model(), cfg(loss, sharding, mu))
     resumed.restore(saved[0])
     assert resumed.train_step(make_batch(5))["loss"] == pytest.approx(third["loss"], rel=1e-6)
     for k, v in resumed.state_dict().items():  # the restored optimizer made the same step
@@ -83,18 +85,25 @@ def _rank(rank, world, port, loss, sharding, queue):
 
 
 @pytest.mark.parametrize(
-    "loss,sharding",
-    [("grpo", "replicate"), ("dr_grpo", "replicate"), ("gspo", "replicate"), ("grpo", "fsdp2")],
+    "loss,sharding,mu",
+    [
+        ("grpo", "replicate", 1),
+        ("dr_grpo", "replicate", 1),
+        ("gspo", "replicate", 1),
+        ("grpo", "fsdp2", 1),
+        ("dapo", "replicate", 2),
+        ("grpo", "fsdp2", 2),
+    ],
 )
-def test_two_ranks_equal_one_process(loss, sharding):
+def test_two_ranks_equal_one_process(loss, sharding, mu):
     model = make_model()
-    single = Trainer(model, cfg(loss))
+    single = Trainer(model, cfg(loss, mu=mu))
     expected = [single.train_step(make_batch()) for _ in range(2)]
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = 29000 + random.randrange(1000)
-    args = (2, port, loss, sharding, queue)
+    args = (2, port, loss, sharding, mu, queue)
     procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
@@ -107,7 +116,7 @@ def test_two_ranks_equal_one_process(loss, sharding):
     for name, t in model.state_dict().items():
         assert torch.allclose(torch.from_numpy(state[name]), t, atol=1e-5), name
     for got, want in zip(metrics, expected, strict=True):
-        for k in ("loss", "grad_norm", "tokens"):
+        for k in ("loss", "grad_norm", "tokens", "clip/frac"):
             assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
 
 
