@@ -187,7 +187,12 @@ def build_batch(
     }
     if not samples:
         return None, stats
-    batch = TrainBatch(step=step, samples=samples, max_completion_length=cfg.rollout.max_new_tokens)
+    batch = TrainBatch(
+        step=step,
+        samples=samples,
+        max_completion_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,  # the trainer's policy is the sampling policy
+    )
     return batch, stats
 
 

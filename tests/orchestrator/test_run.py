@@ -59,7 +59,7 @@ def failed(why):
 
 
 def test_build_batch_keeps_every_sample_of_every_kept_group():
-    cfg = load_config(overrides=["advantage.drop_zero_variance=true"])
+    cfg = load_config(overrides=["advantage.drop_zero_variance=true", "rollout.temperature=0.7"])
     prompts = [
         Prompt(id=f"p{i}", text="Q: 1+1+1 A: ", env="arith", fields={"answer": "3"})
         for i in range(3)
@@ -74,6 +74,7 @@ def test_build_batch_keeps_every_sample_of_every_kept_group():
     batch, stats = build_batch(0, Rollout(prompts, requests, results, scores), cfg)
     ids = sorted(s.sample_id for s in batch.samples)
     assert ids == ["p0/0", "p0/1", "p2/0", "p2/1", "p2/2", "p2/3"]  # p1 has no signal
+    assert batch.temperature == 0.7  # the trainer scores tokens under the sampling policy
     assert stats["groups_zero_variance"] == 1 and stats["groups_kept"] == 2
     adv = {s.sample_id: s.advantage for s in batch.samples}
     assert adv["p0/0"] > 0 > adv["p0/1"] and adv["p2/2"] > 0 > adv["p2/0"]
