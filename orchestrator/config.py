@@ -215,6 +215,17 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _tis_needs_the_whole_distribution(self) -> RunConfig:
+        if self.trainer.loss.tis_cap is not None and self.rollout.top_p < 1.0:
+            raise ValueError(
+                f"trainer.loss.tis_cap weighs trainer against engine logprobs, but with "
+                f"rollout.top_p = {self.rollout.top_p} the engines report those of the "
+                "truncated distribution, which the trainer does not compute: set "
+                "rollout.top_p = 1.0, or unset trainer.loss.tis_cap"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _local_is_one_process(self) -> RunConfig:
         if self.cluster.mode != "local":
             return self

@@ -142,3 +142,9 @@ def test_a_prompt_longer_than_the_context_is_never_generated_and_is_counted(tmp_
     assert [m["prompts_too_long/mixed"] for m in metrics] == [1.0, 1.0]  # counted once
     drawn = [p for s in lines(out / "prompts.jsonl") for p in s["prompts"]]
     assert len(drawn) == 16 and "too-long" not in drawn
+
+
+def test_tis_with_top_p_below_one_is_refused_naming_both_fields():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["trainer.loss.tis_cap=2.0", "rollout.top_p=0.9"])
+    assert "rollout.top_p = 1.0" in str(e.value) and "tis_cap" in str(e.value)
