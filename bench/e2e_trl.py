@@ -19,8 +19,8 @@ Same tiny model, training prompts, reward function (the ``arith`` env's ``score`
 calls it in-process, Caravela through its env pool), group size, prompts per step,
 ``max_new_tokens``, temperature, optimiser and loss. Every ``--every`` steps each side's
 weights are kept (TRL: copied in memory, the copy's time taken out of the step; Caravela,
-either mode: the run's own checkpoints, ``checkpoint.every_steps``, inside the timed step). After all sides
-have trained, each copy is scored by the same function, ``orchestrator.evaluate.
+either mode: the run's own checkpoints, ``checkpoint.every_steps``, inside the timed step).
+After all sides have trained, each copy is scored by the same function, ``orchestrator.evaluate.
 evaluate_passk`` (greedy, sampled pass@1 and pass@k, the arith ``score`` in-process, seed
 ``cfg.seed``) on the first ``--eval-prompts`` held-out prompts; step 0 (the shipped model,
 shared by all sides) is scored once.

@@ -26,7 +26,7 @@ from typing import Any
 
 from orchestrator import checkpoint
 from orchestrator.config import RunConfig
-from orchestrator.data import Prefetcher, PromptSampler, context_limit
+from orchestrator.data import context_limit
 from orchestrator.evaluate import EvalResult, describe, evaluate_heldout
 from orchestrator.live import LiveEnvs
 from orchestrator.parts import Parts, open_parts
@@ -43,6 +43,7 @@ from orchestrator.rollout import (
     sampling_params,
     staleness,
 )
+from orchestrator.sampler import Prefetcher, PromptSampler
 
 Log = Any  # Callable[[str], Any]
 

@@ -15,8 +15,9 @@ import pytest
 
 from common import paths
 from orchestrator.config import ConfigError, DatasetSpec, load_config
-from orchestrator.data import Prefetcher, PromptSampler, read_jsonl, read_prompts
+from orchestrator.data import read_jsonl, read_prompts
 from orchestrator.prepare import PreparedStore, prepare, prepared_ids
+from orchestrator.sampler import Prefetcher, PromptSampler
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

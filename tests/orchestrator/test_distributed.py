@@ -5,9 +5,9 @@ trainer ranks, two engines, and after every push each engine serves the trainer'
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.data import PromptSampler
 from orchestrator.loop import load_policy
 from orchestrator.rollout import build_batch, rollout, sampling_params
+from orchestrator.sampler import PromptSampler
 
 pytestmark = pytest.mark.slow
 

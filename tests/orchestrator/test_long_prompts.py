@@ -14,8 +14,9 @@ import pytest
 
 from common import paths
 from orchestrator.config import DatasetSpec, load_config
-from orchestrator.data import Prefetcher, PromptSampler, context_limit
+from orchestrator.data import context_limit
 from orchestrator.prepare import PreparedStore, prepare
+from orchestrator.sampler import Prefetcher, PromptSampler
 
 MAX_NEW_TOKENS = 40
 LONG = "Q: " + "1+" * 60 + "1 A: "  # 124 tokens with the tiny tokenizer's BOS
