@@ -36,6 +36,8 @@ from trainer.protocol import TrainBatch
 
 
 class Engines(Protocol):
+    """``inference_server.router.EngineRouter`` (Ray) or ``LocalRouter``."""
+
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
     def update_weights(
         self, version: int, state: Any, bucket_bytes: int = ...
@@ -48,6 +50,8 @@ class Engines(Protocol):
 
 
 class Scorer(scoring.Scorer, Protocol):
+    """``reward_envs.scorer.RayScorer`` or ``LocalScorer``."""
+
     def add(self, spec: EnvSpec) -> None: ...
     def remove(self, env: str) -> None: ...
     def metrics(self) -> dict[str, float]: ...
@@ -55,6 +59,8 @@ class Scorer(scoring.Scorer, Protocol):
 
 
 class Trainers(Protocol):
+    """``trainer.group.TrainerGroup`` (Ray) or ``LocalTrainerGroup``."""
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
     def host_state(self, names: list[str]) -> Any: ...
     def state_dict(self, names: list[str]) -> dict[str, Any]: ...
