@@ -101,8 +101,9 @@ class CheckpointConfig(StrictModel):
     """When the run saves itself (atomically: write, then rename) for ``--resume``."""
 
     every_steps: int = Field(50, ge=0)
-    """Save every this many steps (0: only on request). On request: SIGUSR1 to the driver,
-    or a file named ``CHECKPOINT`` in the run directory (the SLURM launcher uses both)."""
+    """Save every this many steps and after the last one (0: only on request). On request:
+    SIGUSR1 to the driver, or a file named ``CHECKPOINT`` in the run directory (the SLURM
+    launcher uses both)."""
     keep: int = Field(2, ge=1)
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
 

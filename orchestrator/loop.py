@@ -95,7 +95,7 @@ def train(
             # checkpoint, next rollout, record
             state.step = step + 1
             every = cfg.checkpoint.every_steps
-            if (every and (step + 1) % every == 0) or asked.take():
+            if (every and ((step + 1) % every == 0 or step + 1 == cfg.steps)) or asked.take():
                 save(cfg, parts, sampler, live, state, [p.id for p in inflight], record.log)
             if bound == 0 and step + 1 < cfg.steps:
                 pending = pool.submit(draw, sampler.sample(n))
@@ -165,6 +165,19 @@ def start(
     return state
 
 
+def export_model(model: Any, tok: Any, path: Path) -> None:
+    """The trained weights as an HF model directory (config, safetensors, tokenizer), written
+    to a temporary directory and renamed into place: a crash leaves the previous one."""
+    import shutil
+
+    tmp = path.with_name(f"{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
 def load_policy(cfg: RunConfig) -> tuple[Any, Any]:
     """The driver's copy of the model (held-out evaluation) and its tokenizer."""
     import torch
@@ -219,6 +232,8 @@ def run(cfg: RunConfig, log: Log = print) -> RunSummary:
         with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log) as record:
             train(cfg, parts, sampler, live, record, state, tok)
         model.load_state_dict(parts.trainers.state_dict(list(model.state_dict())))
+        export_model(model, tok, out_dir / "model")
+        log(f"trained model: {out_dir / 'model'} (HF format: caravela serve / eval take it)")
         after = evaluate_heldout(cfg, model, tok, parts.scorer)
     log(describe("after ", after))
     write_report(out_dir, state.before, after, record.history)
