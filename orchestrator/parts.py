@@ -26,19 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from inference_server.protocol import GenerateRequest, GenerateResult
 from orchestrator import scoring
 from orchestrator.config import RunConfig
 from orchestrator.data import read_jsonl
-from orchestrator.rollout import tokenize
+from orchestrator.rollout import Generator, tokenize
 from reward_envs.config import EnvSpec
 from trainer.protocol import TrainBatch
 
 
-class Engines(Protocol):
+class Engines(Generator, Protocol):
     """``inference_server.router.EngineRouter`` (Ray) or ``LocalRouter``."""
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
     def update_weights(
         self, version: int, state: Any, bucket_bytes: int = ...
     ) -> dict[str, float]: ...

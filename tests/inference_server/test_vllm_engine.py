@@ -13,11 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.paths import TINY_HELDOUT, TINY_MODEL
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.transformers_backend import TransformersEngine
-from trainer.config import TrainerConfig
 from trainer.logprobs import micro_batch_logprobs
 from trainer.packing import build_packed
-from trainer.protocol import TrainBatch, TrainSample
-from trainer.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -75,28 +72,14 @@ def test_n_samples_logprobs_agree_with_the_trainer_and_hf(engine, hf):
 
 def test_logprobs_at_temperature_agree_with_the_trainer(engine, hf):
     """vLLM reports processed logprobs (after temperature); the trainer, given the batch's
-    temperature, computes the same numbers (twin of test_temperature_logprobs.py)."""
+    temperature, computes the same numbers (same check as test_temperature_logprobs.py)."""
+    from tests.inference_server.test_temperature_logprobs import logprob_diff, requests
+
     model, tok = hf
-    sp = SamplingParams(n=8, temperature=0.7, top_p=1.0, top_k=0, max_tokens=40, seed=0)
-    reqs = [
-        GenerateRequest(request_id=str(i), prompt_ids=ids(tok, p), sampling=sp)
-        for i, p in enumerate(PROMPTS)
-    ]
-    samples = [
-        TrainSample(
-            sample_id=f"{req.request_id}/{i}",
-            prompt_ids=req.prompt_ids,
-            completion_ids=c.token_ids,
-            advantage=1.0 if i % 2 else -1.0,
-            engine_logprobs=c.logprobs,
-        )
-        for req, res in zip(reqs, engine.generate(reqs), strict=True)
-        for i, c in enumerate(res.completions)
-    ]
-    batch = TrainBatch(step=0, samples=samples, max_completion_length=40, temperature=0.7)
-    diff = Trainer(copy.deepcopy(model), TrainerConfig()).train_step(batch)
-    print(f"vLLM engine vs trainer at T=0.7: max |diff| {diff['engine/logprob_diff_max']:.2e}")
-    assert diff["engine/logprob_diff_max"] < 2e-3
+    reqs = requests(tok, 0.7)
+    diff = logprob_diff(model, reqs, engine.generate(reqs), 0.7)
+    print(f"vLLM engine vs trainer at T=0.7: max |diff| {diff:.2e}")
+    assert diff < 2e-3
 
 
 def test_same_pass_rate_as_the_transformers_backend(engine, hf):
