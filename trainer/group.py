@@ -44,7 +44,9 @@ class TrainerRank:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation
+            model_dir,
+            dtype=getattr(torch, cfg.master_dtype),  # parameters; cfg.dtype is the compute dtype
+            attn_implementation=cfg.attn_implementation,
         )
         self.model = model.to("cuda") if torch.cuda.is_available() else model
         self.trainer: Any = None

@@ -8,6 +8,9 @@ Peak extra memory is ``chunk_size * V * 4`` bytes instead of ``N * V * 4``
 
 The gradient of ``log softmax(z)[t]`` w.r.t. the logits ``z`` is
 ``onehot(t) - softmax(z)``, so backward needs only the recomputed chunk logits.
+Under ``torch.autocast`` (mixed precision) the head's matmuls run in the autocast dtype,
+in backward too (its autocast state is the forward's, as ``torch.amp.custom_bwd`` would
+restore it), while the log-softmax, entropy and logit gradient stay fp32.
 
 ``micro_batch_logprobs`` runs a HF causal LM on a ``MicroBatch`` and feeds its
 final hidden states to that head: the one path the trainer, the weight-sync probe
@@ -19,6 +22,7 @@ Torch only, so it runs where pydantic is absent.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -48,6 +52,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             probs = torch.softmax(logits, dim=-1)
             entropy[sl] = lse - (probs * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets)
+        device = hidden.device.type
+        # backward recomputes the logits as forward did, whatever context it is called in
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)
@@ -56,6 +63,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_logps: torch.Tensor, _grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _ChunkedTokenLogprobs._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(
+        ctx: Any, grad_logps: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -132,17 +147,32 @@ def hidden_at(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
 class PolicyLogprobs(nn.Module):
     """The model with the logprob path as its ``forward(mb)``. Under FSDP2 this is the root
     module: its forward hooks gather the parameters outside the decoder layers (embeddings,
-    final norm, the LM head the chunked path reads directly) and reduce their gradients."""
+    final norm, the LM head the chunked path reads directly) and reduce their gradients.
 
-    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+    ``autocast``: the compute dtype of mixed precision (forward under ``torch.autocast`` with
+    it, over parameters kept in a wider dtype); None computes in the parameters' dtype.
+    Every pass of the policy goes through here (training, old logprobs, the probe)."""
+
+    def __init__(
+        self, model: nn.Module, chunk_size: int, autocast: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.autocast = autocast
+
+    def compute(self) -> AbstractContextManager[object]:
+        """The context the policy's passes run in (also used for the reference model)."""
+        if self.autocast is None:
+            return nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast)
 
     def forward(
         self, mb: MicroBatch, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _micro_batch_logprobs(self.model, mb, self.chunk_size, temperature)
+        with self.compute():
+            return _micro_batch_logprobs(self.model, mb, self.chunk_size, temperature)
 
 
 def micro_batch_logprobs(
