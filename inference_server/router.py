@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from common.transfer import TensorMeta
 from common.weights import HostState
 from inference_server.protocol import GenerateRequest, GenerateResult
 
@@ -32,7 +33,8 @@ class EngineUnavailable(RuntimeError):
 
 
 def sync_metrics(t0: float, per_engine: list[Mapping[str, float]]) -> dict[str, float]:
-    """A weight push's metrics: seconds since ``t0``, engines reached, the longest pause."""
+    """A weight push's metrics: seconds since ``t0``, engines reached, the longest pause,
+    buckets sent."""
     import time
 
     return {
@@ -41,7 +43,17 @@ def sync_metrics(t0: float, per_engine: list[Mapping[str, float]]) -> dict[str, 
         "weight_sync/pause_seconds": max(
             m.get("weight_sync/pause_seconds", 0.0) for m in per_engine
         ),
+        "weight_sync/buckets": max(m.get("weight_sync/buckets", 0.0) for m in per_engine),
     }
+
+
+def transfer_ranks(workers: Mapping[str, int]) -> dict[str, int]:
+    """Each engine's first rank in the weight-push group: the trainer is rank 0, then the
+    engines' workers in order."""
+    ranks, nxt = {}, 1
+    for eid, n in workers.items():
+        ranks[eid], nxt = nxt, nxt + n
+    return ranks
 
 
 def _work(r: GenerateRequest) -> int:
@@ -142,6 +154,31 @@ class EngineRouter:
         per = self._all(lambda h: h.update_weights.remote(version, ref, bucket_bytes))
         return sync_metrics(t0, list(per.values()))
 
+    def join_transfer(self, address: str, port: int, world: int) -> None:
+        """Every engine's workers join the weight-push group (ranks 1.., in engine order);
+        returns once the group has formed (the trainer's rank 0 opens it meanwhile)."""
+        import ray
+
+        workers = self._all(lambda h: h.transfer_workers.remote())
+        ranks = transfer_ranks(workers)
+        ray.get(
+            [self.engines[e].join_transfer.remote(address, port, ranks[e], world) for e in ranks]
+        )
+
+    def transfer_size(self) -> int:
+        """Engine workers that take part in a collective push."""
+        return sum(self._all(lambda h: h.transfer_workers.remote()).values())
+
+    def receive_weights(
+        self, version: int, meta: Sequence[TensorMeta], bucket_bytes: int
+    ) -> dict[str, float]:
+        """Every live engine receives the push the trainer broadcasts now, as ``version``."""
+        import time
+
+        t0 = time.perf_counter()
+        per = self._all(lambda h: h.receive_weights.remote(version, list(meta), bucket_bytes))
+        return sync_metrics(t0, list(per.values()))
+
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
     ) -> float:
@@ -196,6 +233,32 @@ class LocalRouter:
         t0 = time.perf_counter()
         per = [e.update_weights(version, state, bucket_bytes) for e in self.engines.values()]
         return sync_metrics(t0, per)
+
+    def transfer_size(self) -> int:
+        return sum(e.transfer_workers() for e in self.engines.values())
+
+    def join_transfer(self, address: str, port: int, world: int) -> None:
+        """As ``EngineRouter.join_transfer``; the engines join on threads of their own."""
+        ranks = transfer_ranks({eid: e.transfer_workers() for eid, e in self.engines.items()})
+        self._each(lambda eid, e: e.join_transfer(address, port, ranks[eid], world))
+
+    def receive_weights(
+        self, version: int, meta: Sequence[TensorMeta], bucket_bytes: int
+    ) -> dict[str, float]:
+        import time
+
+        t0 = time.perf_counter()
+        per = self._each(lambda eid, e: e.receive_weights(version, list(meta), bucket_bytes))
+        return sync_metrics(t0, per)
+
+    def _each(self, call: Any) -> list[Any]:
+        """``call(id, engine)`` for every engine at once (each may wait on the others inside
+        one collective), on threads; their answers in engine order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.engines)) as pool:
+            futures = [pool.submit(call, eid, e) for eid, e in self.engines.items()]
+            return [f.result() for f in futures]
 
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float

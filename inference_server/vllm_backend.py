@@ -23,24 +23,30 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
 
+from common.transfer import TensorMeta, buckets
 from common.weights import HostState
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
+from inference_server.weight_sync import TransferInit, TransferUpdate
 from inference_server.weights import (
     WeightUpdateError,
     as_tensors,
     check_update,
     probe_diff,
+    refuse,
     safetensors_buckets,
     served_shapes,
+    update_problems,
 )
 
 T = TypeVar("T")
@@ -78,6 +84,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
         from vllm import AsyncEngineArgs
         from vllm.config import CompilationConfig, CompilationMode
+        from vllm.config.weight_transfer import WeightTransferConfig
 
         self.engine_id = engine_id
         self.shapes = served_shapes(model_dir)
@@ -94,6 +101,8 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
             worker_extension_cls="inference_server.weight_sync.WeightSyncExtension",
+            # the gloo/NCCL engine inference_server.weight_sync registers in every worker
+            weight_transfer_config=WeightTransferConfig(backend="caravela"),
             **extra,
         )
         self._loop = asyncio.new_event_loop()
@@ -177,6 +186,49 @@ class VLLMEngine:
         return {
             "weight_sync/seconds": time.perf_counter() - t0,
             "weight_sync/buckets": float(len(blobs)),
+            "weight_sync/pause_seconds": pause,
+            "weight_sync/requeued": float(self.requeued),
+        }
+
+    # -- the collective weight push (common.transfer, inference_server.weight_sync) ----------
+    def transfer_workers(self) -> int:
+        """Members this engine adds to the weight-push group: one per worker process."""
+        return int(self._core.llm.vllm_config.parallel_config.world_size)
+
+    def join_transfer(self, address: str, port: int, rank: int, world: int) -> None:
+        """Every worker joins the weight-push group, from ``rank`` on (blocks until every
+        member has joined)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        info = asdict(TransferInit(address, port, rank, world))
+        self._run(self._core.llm.init_weight_transfer_engine(WeightTransferInitRequest(info)))
+
+    def receive_weights(
+        self, version: int, meta: list[TensorMeta], bucket_bytes: int
+    ) -> dict[str, float]:
+        """Take part in one push: the workers receive the buckets while the engine serves,
+        then swap them in during a short pause, as ``update_weights`` does. The checks of
+        ``update_weights`` apply; a refused push is still received (and dropped) whole."""
+        given = {m.name: m.shape for m in meta}
+        problems = update_problems(self.version, version, self.shapes, given)
+        update = TransferUpdate(
+            names=[m.name for m in meta],
+            dtypes=[m.dtype for m in meta],
+            shapes=[list(m.shape) for m in meta],
+            bucket_bytes=bucket_bytes,
+            refuse="; ".join(problems) or None,
+        )
+        t0 = time.perf_counter()
+        try:
+            pause = self._run(self._core.receive(asdict(update), version))
+        except Exception as e:  # refused here or by a worker (non-finite values), or broken
+            said = re.search(r"Worker failed with error '(.*)', please", str(e))
+            worker = said.group(1) if said else f"{type(e).__name__}: {e}"
+            refuse(self.engine_id, self.version, version, problems or [worker])
+            raise
+        return {
+            "weight_sync/seconds": time.perf_counter() - t0,
+            "weight_sync/buckets": float(len(buckets(meta, bucket_bytes))),
             "weight_sync/pause_seconds": pause,
             "weight_sync/requeued": float(self.requeued),
         }
@@ -323,6 +375,39 @@ class _AsyncCore:
         assert final is not None
         return list(final.prompt_logprobs or [])
 
+    async def receive(self, update: dict[str, Any], version: int) -> float:
+        """Receive a collective push while serving (``update["refuse"]`` set: receive and
+        drop it), then pause, load it, resume. Returns the pause."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        async with self.swap_lock:
+            if version <= self.version and not update.get("refuse"):
+                update["refuse"] = f"version {self.version} is served; versions must increase"
+            await self.llm.start_weight_update()
+            # raises (and vLLM ends the update) when the worker refuses what it received
+            await self.llm.update_weights(WeightTransferUpdateRequest(update))
+            return await self._swap_in(self.llm.finish_weight_update, version)
+
+    async def _swap_in(self, load: Any, version: int) -> float:
+        """Pause serving, ``await load()``, serve ``version``, resume. Returns the pause."""
+        t0 = time.perf_counter()
+        self.serving.clear()
+        self.epoch += 1
+        try:
+            if self.inflight == "finish":
+                # vLLM's pause(mode="wait") drains only the *running* requests; queued ones
+                # would run after the swap on new weights. Wait for every request we sent.
+                await self.idle.wait()
+            await self.llm.pause_generation(
+                mode="abort" if self.inflight == "abort" else "wait", clear_cache=True
+            )
+            await load()
+            self.version = version
+        finally:
+            await self.llm.resume_generation()
+            self.serving.set()
+        return time.perf_counter() - t0
+
     async def swap(self, blobs: list[bytes], version: int) -> float:
         """Stage ``blobs`` while serving, then pause, load them, resume. Returns the pause."""
         async with self.swap_lock:
@@ -336,20 +421,8 @@ class _AsyncCore:
             except BaseException:
                 await self.llm.collective_rpc("caravela_discard")
                 raise
-            t0 = time.perf_counter()
-            self.serving.clear()
-            self.epoch += 1
-            try:
-                if self.inflight == "finish":
-                    # vLLM's pause(mode="wait") drains only the *running* requests; queued ones
-                    # would run after the swap on new weights. Wait for every request we sent.
-                    await self.idle.wait()
-                await self.llm.pause_generation(
-                    mode="abort" if self.inflight == "abort" else "wait", clear_cache=True
-                )
+
+            async def commit() -> None:
                 await self.llm.collective_rpc("caravela_commit")
-                self.version = version
-            finally:
-                await self.llm.resume_generation()
-                self.serving.set()
-            return time.perf_counter() - t0
+
+            return await self._swap_in(commit, version)

@@ -43,19 +43,30 @@ def check_update(
     state: Mapping[str, torch.Tensor],
 ) -> None:
     """Raise ``WeightUpdateError`` naming everything wrong with an update; sends nothing."""
+    given = {n: tuple(t.shape) for n, t in state.items()}
+    problems = update_problems(current, version, shapes, given)
+    if version > current:  # a stale version is refused without reading the tensors
+        problems += nonfinite(state)
+    refuse(engine_id, current, version, problems)
+
+
+def update_problems(
+    current: int,
+    version: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    given: Mapping[str, tuple[int, ...]],
+) -> list[str]:
+    """What is wrong with an update of tensors ``given`` (name -> shape) as ``version``:
+    names and shapes against the served ``shapes``, and the version (must increase)."""
     if version <= current:
-        raise WeightUpdateError(
-            f"update to version {version} refused: engine {engine_id} already serves "
-            f"version {current}; versions must increase"
-        )
-    unknown = sorted(set(state) - set(shapes))
-    missing = sorted(set(shapes) - set(state))
+        return [f"engine already serves version {current}; versions must increase"]
+    unknown = sorted(set(given) - set(shapes))
+    missing = sorted(set(shapes) - set(given))
     wrong = [
-        f"{n}: {tuple(t.shape)} != {shapes[n]}"
-        for n, t in state.items()
-        if n in shapes and tuple(t.shape) != shapes[n]
+        f"{n}: {tuple(s)} != {shapes[n]}"
+        for n, s in given.items()
+        if n in shapes and tuple(s) != shapes[n]
     ]
-    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     problems = []
     if unknown:
         problems.append(f"unknown tensors {unknown[:5]}")
@@ -63,8 +74,17 @@ def check_update(
         problems.append(f"missing tensors {missing[:5]}")
     if wrong:
         problems.append(f"wrong shapes {wrong[:5]}")
-    if bad:
-        problems.append(f"non-finite values in {bad[:5]}")
+    return problems
+
+
+def nonfinite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """A problem naming the floating-point tensors of ``state`` with NaN or inf, if any."""
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    return [f"non-finite values in {bad[:5]}"] if bad else []
+
+
+def refuse(engine_id: str, current: int, version: int, problems: list[str]) -> None:
+    """Raise ``WeightUpdateError`` for ``problems``; nothing when there are none."""
     if problems:
         raise WeightUpdateError(
             f"update to version {version} refused ({'; '.join(problems)}); "

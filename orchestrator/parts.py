@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from common.transfer import TensorMeta
 from orchestrator import scoring
 from orchestrator.config import RunConfig
 from orchestrator.data import read_jsonl
@@ -40,11 +41,22 @@ class Engines(Generator, Protocol):
     def update_weights(
         self, version: int, state: Any, bucket_bytes: int = ...
     ) -> dict[str, float]: ...
+    def transfer_size(self) -> int: ...
+    def join_transfer(self, address: str, port: int, world: int) -> None: ...
+    def receive_weights(
+        self, version: int, meta: Sequence[TensorMeta], bucket_bytes: int
+    ) -> dict[str, float]: ...
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
     ) -> float: ...
     def metrics(self) -> dict[str, float]: ...
     def close(self) -> None: ...
+
+
+class Pending(Protocol):
+    """A call under way (a ``concurrent.futures.Future`` or ``trainer.group.Pending``)."""
+
+    def result(self) -> Any: ...
 
 
 class Scorer(scoring.Scorer, Protocol):
@@ -61,6 +73,10 @@ class Trainers(Protocol):
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
     def host_state(self, names: list[str]) -> Any: ...
+    def transfer_address(self) -> tuple[str, int]: ...
+    def transfer_meta(self, names: list[str]) -> list[TensorMeta]: ...
+    def open_transfer(self, address: str, port: int, world: int) -> Pending: ...
+    def send_weights(self, meta: list[TensorMeta], bucket_bytes: int) -> Pending: ...
     def state_dict(self, names: list[str]) -> dict[str, Any]: ...
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]: ...
     def save(self, path: Path) -> None: ...
@@ -82,13 +98,32 @@ class Parts:
     bucket_bytes: int = 1 << 20
     on_ray: bool = False
     monitors: list[Any] = field(default_factory=list)
+    meta: list[TensorMeta] | None = None
+    """What a collective push carries (``connect``); None: pushes go through the object
+    store (``inference.weight_sync = "object_store"``)."""
+
+    def connect(self, bucket_bytes: int) -> None:
+        """Form the weight-push group (trainer rank 0 + every engine worker): from now on
+        ``push`` broadcasts buckets of ``bucket_bytes`` over it."""
+        address, port = self.trainers.transfer_address()
+        world = 1 + self.engines.transfer_size()
+        opening = self.trainers.open_transfer(address, port, world)
+        self.engines.join_transfer(address, port, world)
+        opening.result()
+        self.meta = self.trainers.transfer_meta(self.names)
+        self.bucket_bytes = bucket_bytes
 
     def push(self, version: int) -> dict[str, float]:
         """The trainer's weights to every engine as ``version``, then the probe."""
         t0 = time.perf_counter()
-        metrics = self.engines.update_weights(
-            version, self.trainers.host_state(self.names), self.bucket_bytes
-        )
+        if self.meta is not None:  # collective: the engines receive while rank 0 broadcasts
+            sending = self.trainers.send_weights(self.meta, self.bucket_bytes)
+            metrics = self.engines.receive_weights(version, self.meta, self.bucket_bytes)
+            sending.result()
+        else:
+            metrics = self.engines.update_weights(
+                version, self.trainers.host_state(self.names), self.bucket_bytes
+            )
         expected = self.trainers.logprobs(self.probe)
         metrics["weight_sync/probe_max_diff"] = self.engines.probe(
             self.probe, expected, self.probe_tolerance
@@ -138,7 +173,20 @@ def local_parts(cfg: RunConfig, tok: Any) -> Parts:
     except BaseException:
         engines.close()
         raise
-    return Parts(engines, scorer, trainers, *_probe(cfg, tok))
+    parts = Parts(engines, scorer, trainers, *_probe(cfg, tok))
+    return _connected(parts, cfg)
+
+
+def _connected(parts: Parts, cfg: RunConfig) -> Parts:
+    """``parts`` with the weight-push group formed when ``inference.weight_sync`` is
+    ``collective``; closed if that fails."""
+    if cfg.inference.weight_sync == "collective":
+        try:
+            parts.connect(cfg.inference.transfer_bucket_mb << 20)
+        except BaseException:
+            parts.close()
+            raise
+    return parts
 
 
 def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
@@ -156,7 +204,7 @@ def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
     scorer = RayScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     parts = Parts(engines, scorer, trainers, *_probe(cfg, tok), on_ray=True)
     parts.monitors = start_gpu_monitors()
-    return parts
+    return _connected(parts, cfg)
 
 
 @contextmanager

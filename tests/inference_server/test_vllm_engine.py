@@ -236,3 +236,58 @@ def test_requests_in_flight_during_an_update_follow_the_policy(engine, hf, polic
             ref = trainer_logprobs(by_version[c.policy_version], req.prompt_ids, [c.token_ids])
             assert torch.allclose(torch.tensor(c.logprobs), ref[0], atol=2e-3), c.policy_version
     engine.update_weights(old + 2, engine_state(model))  # shipped weights for later tests
+
+
+def test_collective_push_through_vllms_weight_transfer_api(engine, hf):
+    """The collective path (``inference.weight_sync = "collective"``): vLLM's weight-transfer
+    lifecycle with the gloo engine ``inference_server.weight_sync`` registers. The workers
+    receive what rank 0 broadcasts, the probe then matches the new weights; refused pushes
+    (a stale version, non-finite values) are received whole and dropped, so the sender always
+    returns, and the engine keeps serving what it served."""
+    import socket
+    import threading
+
+    from common.logprobs import sequence_logprobs
+    from common.transfer import TransferGroup, named, state_meta
+    from inference_server.vllm_backend import WeightUpdateError
+
+    model, tok = hf
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opened: list[TransferGroup] = []
+    opener = threading.Thread(
+        target=lambda: opened.append(TransferGroup("127.0.0.1", port, 0, 2, timeout_s=120))
+    )
+    opener.start()
+    engine.join_transfer("127.0.0.1", port, 1, 2)
+    opener.join()
+    sender = opened[0]
+    probe = [ids(tok, "Q: 50+98-54 A: 50+98=148, 148-54=94. The answer is 94.")]
+    new_model = perturbed(model, scale=0.05, seed=11)
+    state = engine_state(new_model)
+    meta = state_meta(state.items())
+
+    def push(version, tensors):
+        done = threading.Thread(target=lambda: sender.send(named(tensors, meta), meta, 1 << 16))
+        done.start()
+        try:
+            return engine.receive_weights(version, meta, 1 << 16)
+        finally:
+            done.join(timeout=120)
+            assert not done.is_alive(), "the sender waited on a worker"
+
+    v = engine.version + 1
+    metrics = push(v, state)
+    assert engine.version == v and metrics["weight_sync/buckets"] > 1
+    assert engine.probe(probe, sequence_logprobs(new_model, probe), tol=1e-3) < 1e-3
+    with pytest.raises(WeightUpdateError, match=f"already serves version {v}"):
+        push(v, state)
+    name = "model.layers.0.mlp.up_proj.weight"
+    nan = dict(state, **{name: torch.full_like(state[name], float("nan"))})
+    with pytest.raises(WeightUpdateError, match=r"non-finite values in \['model.layers.0.mlp"):
+        push(v + 1, nan)
+    assert engine.version == v
+    assert engine.probe(probe, sequence_logprobs(new_model, probe), tol=1e-3) < 1e-3
+    push(v + 1, engine_state(model))  # back to the shipped weights for other tests
+    assert engine.probe(probe, sequence_logprobs(model, probe), tol=1e-3) < 1e-3

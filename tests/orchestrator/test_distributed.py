@@ -27,7 +27,13 @@ def cluster(ray_token):
     c.shutdown()
 
 
-def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
+@pytest.mark.parametrize(
+    ("weight_sync", "sharding"),
+    [("collective", "replicate"), ("collective", "fsdp2"), ("object_store", "replicate")],
+)
+def test_roles_ranks_and_weight_pushes(cluster, tmp_path, weight_sync, sharding):
+    """Both weight paths; the collective one also from FSDP2 ranks (each tensor gathered in
+    turn while rank 0 broadcasts)."""
     import ray
 
     from inference_server.weights import served_shapes
@@ -39,6 +45,9 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
             "rollout.prompts_per_step=8",
             "inference.backend={type='transformers', cpus_per_engine=1}",
             "trainer.cpus_per_rank=1",
+            f"trainer.sharding='{sharding}'",
+            f"inference.weight_sync='{weight_sync}'",
+            "inference.transfer_bucket_mb=1",  # several buckets even for the tiny model
         ]
     )
     model, tok = load_policy(cfg)
@@ -65,6 +74,9 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path):
             assert batch is not None
             run.trainers.train_step(batch)
             metrics = run.push(step + 1)
+            assert (run.meta is not None) == (weight_sync == "collective")
+            if weight_sync == "collective":
+                assert metrics["weight_sync/buckets"] > 1
             assert metrics["weight_sync/probe_max_diff"] < 1e-4
             assert run.engines.versions() == dict.fromkeys(run.engines.engines, step + 1)
             ranks = run.trainers.checksums()
