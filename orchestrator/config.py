@@ -73,7 +73,9 @@ class RolloutConfig(StrictModel):
     """Generation cap per completion, in tokens."""
     max_staleness: int = Field(0, ge=0, le=8)
     """0: synchronous, on-policy. k >= 1: generating step s+1 overlaps training step s, and
-    samples from weights more than k versions behind the trainer are handled by ``stale``."""
+    samples from weights more than k versions behind the trainer are handled by ``stale``.
+    Unset, a job rendered by ``caravela slurm render`` gets 1 (its engines and trainer ranks
+    are on different nodes); one machine keeps 0."""
     stale: Literal["drop", "tis"] = "drop"
     """What happens to groups from weights more than ``max_staleness`` versions behind:
     ``drop`` (counted in ``groups_stale_dropped``) or ``tis``: kept and importance-corrected
@@ -349,6 +351,7 @@ _TAGS = {
     "dr_grpo",
     "dapo",
     "gspo",
+    "auto",
     "transformers",
     "vllm",
     "process",

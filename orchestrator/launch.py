@@ -2,9 +2,10 @@
 cluster, handed to the launcher.
 
 ``slurm/`` renders and starts (STYLE.md, point 9) and never reads a run config. This
-module does: it applies the site profile's trainer defaults, Ray mode and an absolute run
-directory, passes the launcher the few facts it checks (``slurm.render.JobRequest``), and
-writes the resolved config next to the script for the job's ``caravela run`` to load.
+module does: it applies the site profile's defaults (every GPU placed, generation
+overlapping training), Ray mode and an absolute run directory, passes the launcher the few
+facts it checks (``slurm.render.JobRequest``), and writes the resolved config next to the
+script for the job's ``caravela run`` to load.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from orchestrator.config import ConfigError, RunConfig, load_config
 from reward_envs.builder import default_store
@@ -19,15 +23,48 @@ from slurm import render as launcher
 from slurm.config import SiteProfile, load_profile
 
 
+def _defaults(section: BaseModel, values: dict[str, Any]) -> Any:
+    """``section`` with ``values`` for the fields the run config left unset (set ones win)."""
+    unset = {k: v for k, v in values.items() if k not in section.model_fields_set}
+    return section.model_copy(update=unset)
+
+
 def resolve(cfg: RunConfig, profile: SiteProfile) -> RunConfig:
-    """The config the job runs: Ray mode, the site's trainer defaults, an absolute run dir."""
-    trainer = cfg.trainer.model_copy(
-        update={"gradient_checkpointing": profile.gradient_checkpointing}
-    )
+    """The config the job runs: Ray mode, an absolute run dir, and the site's defaults for
+    what the run config leaves unset.
+
+    - ``trainer.gradient_checkpointing``: the profile's;
+    - on a GPU profile every GPU gets work: ``trainer.ranks_per_node`` = the node's GPUs (one
+      rank per GPU), and ``inference.backend.engines_per_node`` = the node's GPUs / GPUs per
+      engine (when that divides; ``slurm.render.check`` refuses anything but all of them);
+    - engines and trainer ranks are on different nodes, so generating step s+1 overlaps
+      training step s: ``rollout.max_staleness = 1`` (the trainer GPUs do not wait for
+      generation, nor the inference GPUs for training);
+    - ``inference.backend.type = "auto"`` becomes vllm or transformers here, as the driver
+      would decide it on the inference node (``AutoBackend.resolve``) but from what is known
+      for certain: whether the profile's nodes have GPUs and the job's venv has vllm, not
+      whether the driver's job step sees the GPUs. In an Apptainer image on GPU nodes the
+      driver decides (inside the image).
+    """
+    gpus = profile.gpus_per_node
+    trainer: dict[str, Any] = {"gradient_checkpointing": profile.gradient_checkpointing}
+    engines: dict[str, Any] = {}
+    if gpus:
+        trainer["ranks_per_node"] = gpus
+        per_engine = cfg.inference.backend.gpus_per_engine
+        if gpus % per_engine == 0:
+            engines["engines_per_node"] = gpus // per_engine
+    backend = _defaults(cfg.inference.backend, engines)
+    if backend.type == "auto":
+        vllm = profile.job_has_package("vllm")
+        if not gpus or vllm is not None:
+            backend = backend.resolve(cuda=bool(gpus), vllm=bool(vllm))
     return cfg.model_copy(
         update={
             "output_dir": Path(cfg.output_dir).resolve(),
-            "trainer": trainer,
+            "trainer": _defaults(cfg.trainer, trainer),
+            "inference": cfg.inference.model_copy(update={"backend": backend}),
+            "rollout": _defaults(cfg.rollout, {"max_staleness": 1}),
             "cluster": cfg.cluster.model_copy(update={"mode": "ray", "allow_network": True}),
         }
     )
@@ -47,7 +84,8 @@ def job_request(cfg: RunConfig) -> launcher.JobRequest:
         model=Path(cfg.model),
         env_stores=stores,
         engines_per_node=backend.engines_per_node,
-        gpus_per_engine=backend.tensor_parallel_size if backend.type == "vllm" else 0,
+        gpus_per_engine=backend.gpus_per_engine,
+        ranks_per_node=cfg.trainer.ranks_per_node,
     )
 
 

@@ -213,9 +213,29 @@ def prompt_stream(cfg: RunConfig, log: Log) -> Prefetcher:
     )
 
 
+def concrete_backend(cfg: RunConfig, log: Log = print) -> RunConfig:
+    """``cfg`` with ``inference.backend.type = "auto"`` resolved once, for this machine: vLLM
+    where CUDA and vllm are importable, else transformers. Everything after it (engines,
+    probe, the run's ``config.json``) sees the backend that runs. A SLURM job's config comes
+    resolved from ``caravela slurm render`` (``orchestrator.launch``), unless it runs in an
+    Apptainer image on GPU nodes: then its driver, on inference node 0, decides here."""
+    from inference_server.actors import available
+
+    backend = cfg.inference.backend
+    if backend.type != "auto":
+        return cfg
+    cuda, vllm = available()
+    picked = backend.resolve(cuda, vllm)
+    log(f"inference.backend auto -> {picked.type} (CUDA {cuda}, vllm {vllm})")
+    return cfg.model_copy(
+        update={"inference": cfg.inference.model_copy(update={"backend": picked})}
+    )
+
+
 def run(cfg: RunConfig, log: Log = print) -> RunSummary:
     """Evaluate, train ``cfg.steps`` steps, evaluate again (``cfg.resume``: continue from
     the latest checkpoint with no prompt skipped or repeated)."""
+    cfg = concrete_backend(cfg, log)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))

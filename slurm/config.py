@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 
@@ -37,6 +38,15 @@ class SiteProfile(StrictModel):
     """Node-local scratch for Ray's temp dir (shell expression, e.g. ``$TMPDIR``)."""
     venv: Path | None = None
     """Caravela's venv on the shared filesystem (default: the one rendering the script)."""
+
+    def job_has_package(self, name: str) -> bool | None:
+        """Whether the job's Python can import the package ``name`` (found, not imported):
+        ``venv``'s, else this one's; None inside an Apptainer image (not known here)."""
+        if self.apptainer_image is not None:
+            return None
+        if self.venv is None:
+            return importlib.util.find_spec(name) is not None
+        return any((self.venv / "lib").glob(f"python3*/site-packages/{name}/__init__.py"))
 
 
 class SlurmConfig(StrictModel):

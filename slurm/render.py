@@ -42,8 +42,11 @@ class JobRequest:
     """Env name -> the store its venv must already be built in, for every venv-isolated env."""
     engines_per_node: int = 1
     """Inference engines on each inference node."""
-    gpus_per_engine: int = 0
-    """GPUs each engine needs (vLLM's ``tensor_parallel_size``; 0 for engines without)."""
+    gpus_per_engine: int = 1
+    """GPUs each engine reserves on a GPU node (vLLM's ``tensor_parallel_size``; 1 for the
+    transformers backend)."""
+    ranks_per_node: int = 1
+    """Trainer ranks on each trainer node (each reserves one GPU on a GPU node)."""
 
 
 def check(job: JobRequest, profile: SiteProfile) -> None:
@@ -65,12 +68,26 @@ def check(job: JobRequest, profile: SiteProfile) -> None:
                 f"env {env!r}: env store {store} does not exist; build the envs on the "
                 f"login node first (`caravela env build --store {store}`)"
             )
+    gpus = profile.gpus_per_node
     need = job.gpus_per_engine * job.engines_per_node
-    if profile.gpus_per_node and need > profile.gpus_per_node:
+    if gpus and need != gpus:
+        why = (
+            "an engine cannot use another node's GPUs"
+            if need > gpus
+            else f"{gpus - need} would sit idle all run (inference nodes run engines only)"
+        )
         raise LaunchError(
-            f"{job.engines_per_node} engine(s) x tensor_parallel_size {job.gpus_per_engine} "
-            f"need {need} GPUs per inference node; profile {profile.name!r} has "
-            f"{profile.gpus_per_node}"
+            f"inference.backend.engines_per_node = {job.engines_per_node} x "
+            f"{job.gpus_per_engine} GPU(s) per engine = {need} GPUs per inference node; "
+            f"profile {profile.name!r} has {gpus}, and {why}. Make engines_per_node x GPUs per "
+            f"engine (vLLM's tensor_parallel_size; 1 for the transformers backend) exactly "
+            f"{gpus}, e.g. engines_per_node = {gpus} with tensor_parallel_size = 1"
+        )
+    if gpus and job.ranks_per_node > gpus:
+        raise LaunchError(
+            f"trainer.ranks_per_node = {job.ranks_per_node}, but each trainer rank takes one "
+            f"GPU and profile {profile.name!r} has {gpus} per node: lower it to {gpus}, or "
+            "unset it (the default on a GPU profile is one rank per GPU)"
         )
 
 

