@@ -59,6 +59,7 @@ import orchestrator.loop as loop  # noqa: E402
 from orchestrator.config import RunConfig, load_config  # noqa: E402
 from orchestrator.evaluate import evaluate_passk, in_process  # noqa: E402
 from reward_envs.builtin.arith.env import score  # noqa: E402
+from trainer import checkpoint  # noqa: E402
 
 WARMUP = 3  # steps left out of the median step time
 TARGETS = (0.45, 0.50, 0.55, 0.60)  # held-out sampled pass@1 levels for "time to accuracy"
@@ -257,8 +258,7 @@ def run_caravela(name: str, cfg: RunConfig, args: argparse.Namespace) -> Side:
     side.phases["sync"] = [x.get("seconds/sync", 0.0) for x in h]
     side.kept[0] = snapshot(loop.load_policy(cfg)[0])
     for ckpt in sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*")):
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-        side.kept[int(ckpt.name.split("-")[1])] = state["model"]
+        side.kept[int(ckpt.name.split("-")[1])] = checkpoint.weights(ckpt)
     return side
 
 

@@ -1,12 +1,20 @@
 """Run checkpoints for exact resume, and the two ways to ask for one.
 
-A checkpoint is ``<run>/checkpoints/step-NNNNNN/`` holding ``trainer.pt`` (rank 0:
-model, optimizer, scheduler, RNG, version) and ``driver.json`` (``DriverState``: next
-step, version, the prompt sampler's state, the ids of prompts drawn but not yet trained
-on, the envs that joined, the "before" evaluation). It is written into a ``.tmp``
-directory renamed into place when complete, then ``LATEST`` is replaced atomically: a
-crash mid-write leaves the previous checkpoint in charge, never a half one. On request:
-SIGUSR1 to the driver, or a file ``CHECKPOINT`` in the run directory (removed once served).
+A checkpoint is ``<run>/checkpoints/step-NNNNNN/`` holding
+
+- ``trainer/``: model and optimizer, sharded: every trainer rank writes its own shard with
+  ``torch.distributed.checkpoint`` (``.metadata`` and ``__<rank>_0.distcp``; nothing is
+  gathered on one rank), and beside it ``trainer.json`` (version, LR scheduler) and
+  ``rng/rank-<r>.pt`` (each rank's RNG state): ``trainer.checkpoint``, which also says how
+  it resumes on another number of ranks or another ``trainer.sharding``;
+- ``driver.json`` (``DriverState``: next step, version, the prompt sampler's state, the ids
+  of prompts drawn but not yet trained on, the envs that joined, the "before" evaluation).
+
+It is written into a ``.tmp`` directory, renamed into place once every rank has finished
+writing, then ``LATEST`` is replaced atomically: a crash mid-write leaves the previous
+checkpoint in charge, never a half one. Checkpoints of earlier versions (one ``trainer.pt``)
+are refused on resume. On request: SIGUSR1 to the driver, or a file ``CHECKPOINT`` in the
+run directory (removed once served).
 """
 
 from __future__ import annotations
@@ -35,13 +43,13 @@ def load(path: Path) -> DriverState:
 
 def save(run_dir: Path, driver: DriverState, trainers: Any, keep: int) -> Path:
     """Write the checkpoint of ``driver.step`` (the next step to run) and make it the latest;
-    ``trainers`` (a trainer group) writes ``trainer.pt``."""
+    ``trainers`` (a trainer group) writes its part, every rank, and returns once all are done."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{driver.step:06d}"
     tmp = root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainers.save(tmp / "trainer.pt")
+    trainers.save(tmp)
     (tmp / "driver.json").write_text(driver.model_dump_json())
     final = root / name
     shutil.rmtree(final, ignore_errors=True)

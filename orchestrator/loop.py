@@ -151,10 +151,10 @@ def start(
     if ckpt is None:
         raise ValueError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
     state = checkpoint.load(ckpt)
-    version = parts.trainers.load(ckpt / "trainer.pt")
+    version = parts.trainers.load(ckpt)
     if version != state.version:
         raise ValueError(
-            f"{ckpt}: trainer.pt is at version {version}, driver.json at {state.version}"
+            f"{ckpt}: the trainer is at version {version}, driver.json at {state.version}"
         )
     if live is not None:
         live.restore(state.live_envs)

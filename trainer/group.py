@@ -81,32 +81,19 @@ class TrainerRank:
         return dict(self.trainer.train_step(batch))
 
     def save(self, path: str) -> None:
-        """Model, optimizer, scheduler, RNG and version to ``path`` (write, then rename) by
-        rank 0; the other ranks take part in gathering the state under FSDP2."""
-        import os
+        """This rank's shard of model and optimizer, and its RNG state, into the checkpoint
+        directory ``path`` (rank 0 adds scheduler and version; ``trainer.checkpoint``). Every
+        rank calls it: a collective."""
+        from trainer import checkpoint
 
-        state = {
-            **self.trainer.checkpoint(),
-            "sharding": self.cfg.sharding,
-            "rng": torch.get_rng_state(),
-            "version": self.trainer.version,
-        }
-        if self.rank == 0:
-            torch.save(state, f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+        checkpoint.save(self.trainer, Path(path))
 
     def load(self, path: str) -> int:
-        """Restore what ``save`` wrote; returns the version."""
-        state = torch.load(path, weights_only=False)
-        saved = state.get("sharding", "replicate")
-        if saved != self.cfg.sharding:
-            raise ValueError(
-                f"{path} was saved with trainer.sharding = {saved!r}; resume with that setting"
-            )
-        self.trainer.restore(state)
-        torch.set_rng_state(state["rng"])
-        self.trainer.version = int(state["version"])
-        return self.trainer.version
+        """Restore the checkpoint directory ``path`` (written on any number of ranks, under
+        either sharding); returns the version."""
+        from trainer import checkpoint
+
+        return checkpoint.load(self.trainer, Path(path))
 
     def host_state(self, names: list[str]) -> HostState | None:
         """The weights engines serve (``names``), as numpy arrays for the object store (rank
@@ -183,10 +170,11 @@ class TrainerGroup:
         return ray.get(self._collective("logprobs", sequences))
 
     def save(self, path: Path) -> None:
-        """Rank 0 writes (the run directory is shared)."""
+        """Every rank writes its shard into the checkpoint directory ``path`` (the run
+        directory is shared); returns once all of them have finished."""
         import ray
 
-        ray.get(self._collective("save", str(path)))
+        ray.get([r.save.remote(str(path)) for r in self.ranks])
 
     def load(self, path: Path) -> int:
         import ray

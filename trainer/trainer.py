@@ -313,36 +313,26 @@ class Trainer:
         return out
 
     def checkpoint(self) -> dict[str, Any]:
-        """Model, optimizer and scheduler state, whole (FSDP2: gathered on rank 0 only, a
-        collective); loadable by ``restore`` whatever the number of ranks."""
-        if not self.sharded:
-            return {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-            }
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        """This rank's share of the model and optimizer state, sharded (``get_state_dict``:
+        FSDP2 shards as DTensors, replicated tensors otherwise), keyed by parameter name:
+        what ``torch.distributed.checkpoint`` saves and loads (``trainer.checkpoint``).
+        Nothing is gathered. The tensors are the live state: copy them to keep a snapshot."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model, optim = get_state_dict(self.policy, self.optimizer, options=opts)
-        return {"model": model, "optimizer": optim, "scheduler": self.scheduler.state_dict()}
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optim}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Load what ``checkpoint`` returned (every rank loads the whole state)."""
-        if not self.sharded:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        """Load what ``checkpoint`` returned, or the same layout filled by
+        ``torch.distributed.checkpoint.load`` (whatever the sharding it was saved with)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-            set_state_dict(
-                self.policy,
-                self.optimizer,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
-            )
-        self.scheduler.load_state_dict(state["scheduler"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
 
     def _all_reduce_grads(self) -> None:
         """Sum the gradients over ranks (the replicate path; FSDP2 reduces its own)."""

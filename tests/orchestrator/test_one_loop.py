@@ -154,15 +154,17 @@ def test_the_last_step_is_checkpointed_and_the_model_exported_in_hf_format(tmp_p
     import torch
     from safetensors.torch import load_file
 
+    from trainer import checkpoint
+
     out = tmp_path / "run"
     sets = ["cluster.mode=local", "steps=3", "checkpoint.every_steps=2"]
     done = subprocess.run(caravela(out, *sets), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert saved == ["step-000002", "step-000003"]  # every 2 steps, and after the last one
-    trained = torch.load(out / "checkpoints" / "step-000003" / "trainer.pt", weights_only=False)
+    trained = checkpoint.weights(out / "checkpoints" / "step-000003")
     exported = load_file(out / "model" / "model.safetensors")
-    assert exported and all(torch.equal(t, trained["model"][n]) for n, t in exported.items())
+    assert exported and all(torch.equal(t, trained[n]) for n, t in exported.items())
     # the export is a model directory a new run (or caravela serve / eval) starts from
     again = tmp_path / "again"
     more = ["cluster.mode=local", "steps=1", f"model='{out / 'model'}'"]
