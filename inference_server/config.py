@@ -61,12 +61,6 @@ class VLLMOptions(StrictModel):
     weights first (tagged with the old version; the swap waits for them), ``abort`` cuts them
     and re-runs them on the new weights (no stale samples; generated tokens are thrown away).
     No completion ever mixes two versions."""
-    probe_sequences: int = Field(4, ge=1)
-    """Fixed sequences whose logprobs are compared between trainer and engine after each
-    weight update."""
-    probe_tolerance: float = Field(1e-3, gt=0.0)
-    """Max |engine - trainer| logprob allowed by the probe (fp32 ~1e-5 measured; bf16 needs
-    ~5e-2). Beyond it the run stops: the engine would be sampling from wrong weights."""
 
 
 class VLLMBackend(EngineActors, VLLMOptions):
@@ -136,6 +130,14 @@ class InferenceConfig(StrictModel):
     Ray's object store once and every engine fetches them from there (through host memory)."""
     transfer_bucket_mb: int = Field(32, ge=1)
     """Bucket size of the collective push, in MiB (a tensor is never split)."""
+    probe_sequences: int = Field(4, ge=1)
+    """Fixed sequences (the first held-out prompts) whose logprobs are compared between
+    trainer and engines after each weight push."""
+    probe_tolerance: float | None = Field(None, gt=0.0)
+    """Mean |engine - trainer| logprob over the probe's tokens that the probe allows; beyond
+    it the run stops (an engine would be sampling from wrong weights). None: from the dtype
+    the engines serve (``trainer.dtype``): 1e-3 for float32, 0.1 for bfloat16
+    (``inference_server.weights.PROBE_TOLERANCE``, with what was measured)."""
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -125,9 +125,10 @@ class Parts:
                 version, self.trainers.host_state(self.names), self.bucket_bytes
             )
         expected = self.trainers.logprobs(self.probe)
-        metrics["weight_sync/probe_max_diff"] = self.engines.probe(
+        metrics["weight_sync/probe_mean_diff"] = self.engines.probe(
             self.probe, expected, self.probe_tolerance
         )
+        metrics["weight_sync/collective"] = float(self.meta is not None)
         metrics["seconds/sync"] = time.perf_counter() - t0
         return metrics
 
@@ -147,11 +148,11 @@ class Parts:
 
 def _probe(cfg: RunConfig, tok: Any) -> tuple[list[str], list[list[int]], float, int]:
     """Tensor names the engines serve, probe sequences and tolerance, push bucket size."""
-    from inference_server.weights import served_shapes
+    from inference_server.weights import PROBE_TOLERANCE, served_shapes
 
     backend = cfg.inference.backend
-    n = backend.probe_sequences if backend.type == "vllm" else 4
-    tol = backend.probe_tolerance if backend.type == "vllm" else 1e-3
+    n = cfg.inference.probe_sequences
+    tol = cfg.inference.probe_tolerance or PROBE_TOLERANCE[cfg.trainer.dtype]
     bucket = (backend.bucket_mb << 20) if backend.type == "vllm" else 1 << 20
     cache: dict[str, list[int]] = {}
     probe = [tokenize(tok, p, cache) for p in read_jsonl(cfg.eval.heldout)[:n]]

@@ -77,7 +77,7 @@ def test_roles_ranks_and_weight_pushes(cluster, tmp_path, weight_sync, sharding)
             assert (run.meta is not None) == (weight_sync == "collective")
             if weight_sync == "collective":
                 assert metrics["weight_sync/buckets"] > 1
-            assert metrics["weight_sync/probe_max_diff"] < 1e-4
+            assert metrics["weight_sync/probe_mean_diff"] < 1e-4
             assert run.engines.versions() == dict.fromkeys(run.engines.engines, step + 1)
             ranks = run.trainers.checksums()
             engines = ray.get([h.checksum.remote() for h in run.engines.engines.values()])

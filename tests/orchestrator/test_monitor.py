@@ -23,7 +23,7 @@ def test_per_env_keys_become_tags():
     )
     assert split_key("staleness/1") == ("caravela_staleness", {"lag": "1"})
     assert split_key("seconds/generate") == ("caravela_seconds_generate", {})
-    assert split_key("weight_sync/probe_max_diff") == ("caravela_weight_sync_probe_max_diff", {})
+    assert split_key("weight_sync/probe_mean_diff") == ("caravela_weight_sync_probe_mean_diff", {})
     assert split_key("reward_mean") == ("caravela_reward_mean_overall", {})
 
 
