@@ -1,35 +1,35 @@
-"""How new weights should travel from the trainer process to an engine process on CPU.
+"""The two weight paths, trainer rank -> engine, side by side on CPU.
 
 Run inside a loopback-only namespace (Ray and gloo open ports):
 ``unshare -n sh -c 'ip link set lo up && exec .venv/bin/python bench/weight_transport.py'``
-(~2 min). Writes ``bench/results/weight_transport.json`` and ``.md``.
+(~6 min; ~10 GB of memory at 500M). Writes ``bench/results/weight_transport.json`` and
+``.md``.
 
-Same state dicts as bench/generation.py (tiny 1M, random 20M and 100M Llama, fp32).
-Each transport delivers the whole state dict from this process to another process,
-which touches every tensor (sums it) before replying; median of 3 after a warm-up:
+The run's own parts: one trainer rank (``TrainerGroup``) and one transformers engine
+(``EngineRouter``) as Ray actors on two Ray nodes (``ray.cluster_utils.Cluster`` on this
+machine: a trainer node and an inference node, each with its own object store, as on a
+cluster), random fp32 Llamas of about 20M, 100M and 500M parameters. One push = what
+``Parts.push`` does before its probe:
 
-- ``ray``: ``ray.put`` once, a Ray actor receives the object ref; torch tensors are
-  pickled, numpy arrays are read zero-copy from the object store (what the router sends);
-- ``gloo``: ``torch.distributed.broadcast`` of every tensor from rank 0 to rank 1;
-- ``shm``: ``safetensors`` file in /dev/shm written here, read by the other process.
+- ``object_store`` (``inference.weight_sync = "object_store"``): rank 0 exports a
+  ``HostState`` into Ray's object store, the engine fetches it, checks it and loads it;
+- ``collective`` (the default): rank 0 broadcasts buckets over the weight-push group
+  (``common.transfer``, gloo), the engine receives, checks and loads them.
 
-The vLLM-side staging (safetensors buckets + ``reload_weights``) is the same after
-any of them; bench/generation.py measures it.
+The two alternate push by push (3 timed after one warm-up each, median), so load on the
+machine hits both alike. Between the two nodes the object store copies the state through
+Ray's object manager, and gloo through TCP; both over loopback here, not a network.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,141 +37,104 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from generation import SHAPES, make_random  # noqa: E402
 
-from common.paths import TINY_MODEL  # noqa: E402
-
-REPS = 4  # first is warm-up
-
-
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(next(path.glob("*.safetensors"))))
+SIZES = {**SHAPES, "random-500M": (1536, 13, 12, 6144)}
+REPS = 4  # the first of each path is a warm-up
+BUCKET_MB = 32
 
 
-def touch(state: dict[str, torch.Tensor]) -> float:
-    return float(sum(t.sum() for t in state.values()))
+def push_seconds(
+    trainers: Any, engines: Any, names: list[str], meta: Any, path: str, v: int
+) -> float:
+    t0 = time.perf_counter()
+    if path == "collective":
+        sending = trainers.send_weights(meta, BUCKET_MB << 20)
+        engines.receive_weights(v, meta, BUCKET_MB << 20)
+        sending.result()
+    else:
+        engines.update_weights(v, trainers.host_state(names), 1 << 20)
+    return time.perf_counter() - t0
 
 
-def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, object]:
-    return {k: v.numpy() for k, v in state.items()}
-
-
-class Sink:
-    def take(self, state: dict[str, torch.Tensor]) -> float:
-        return touch(state)
-
-    def take_numpy(self, state: dict) -> float:
-        return touch({k: torch.from_numpy(v) for k, v in state.items()})
-
-    def read(self, path: str) -> float:
-        from safetensors.torch import load_file
-
-        return touch(load_file(path))
-
-
-def bench_ray(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+def bench_size(model_dir: Path) -> dict[str, Any]:
     import ray
 
-    from orchestrator.cluster import start_local
+    from common.weights import weights_checksum
+    from inference_server.actors import start_engines
+    from inference_server.config import TransformersBackend
+    from inference_server.router import EngineRouter
+    from inference_server.weights import served_shapes
+    from trainer.config import TrainerConfig
+    from trainer.group import TrainerGroup
 
-    start_local(Path(tempfile.mkdtemp()), num_cpus=2, dashboard=False)
-    sink = ray.remote(Sink).remote()
-    out: dict[str, dict[str, float]] = {"ray": {}, "ray_numpy": {}, "shm": {}}
-    for name, state in states.items():
-        times = []
-        for _ in range(REPS):
-            t0 = time.perf_counter()
-            ray.get(sink.take.remote(ray.put(state)))
-            times.append(time.perf_counter() - t0)
-        out["ray"][name] = statistics.median(times[1:])
-        times = []
-        for _ in range(REPS):
-            t0 = time.perf_counter()
-            ray.get(sink.take_numpy.remote(ray.put(to_numpy(state))))
-            times.append(time.perf_counter() - t0)
-        out["ray_numpy"][name] = statistics.median(times[1:])
-        times = []
-        for _ in range(REPS):
-            from safetensors.torch import save_file
-
-            path = f"/dev/shm/caravela-bench-{os.getpid()}.safetensors"
-            t0 = time.perf_counter()
-            save_file(state, path)
-            ray.get(sink.read.remote(path))
-            times.append(time.perf_counter() - t0)
-            os.unlink(path)
-        out["shm"][name] = statistics.median(times[1:])
-    ray.shutdown()
-    return out
-
-
-def _gloo_rank(rank: int, paths: dict[str, str], port: int, queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    result = {}
-    for name, path in paths.items():
-        state = load_state(Path(path))
-        if rank == 1:
-            state = {k: torch.empty_like(v) for k, v in state.items()}
-        times = []
-        for _ in range(REPS):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for t in state.values():
-                dist.broadcast(t, src=0)
-            if rank == 1:
-                touch(state)
-            dist.barrier()
-            times.append(time.perf_counter() - t0)
-        result[name] = statistics.median(times[1:])
-    if rank == 0:
-        queue.put(result)
-    dist.destroy_process_group()
-
-
-def bench_gloo(paths: dict[str, str]) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_rank, args=(r, paths, 29533, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join()
-    return result
+    trainers = TrainerGroup(model_dir, TrainerConfig(cpus_per_rank=1))
+    handles = start_engines(TransformersBackend(cpus_per_engine=1), model_dir)
+    engines = EngineRouter(handles)
+    names = sorted(served_shapes(model_dir))
+    address, port = trainers.transfer_address()
+    opening = trainers.open_transfer(address, port, 1 + engines.transfer_size())
+    engines.join_transfer(address, port, 1 + engines.transfer_size())
+    opening.result()
+    meta = trainers.transfer_meta(names)
+    times: dict[str, list[float]] = {"object_store": [], "collective": []}
+    version = 0
+    for _ in range(REPS):
+        for path in times:
+            version += 1
+            times[path].append(push_seconds(trainers, engines, names, meta, path, version))
+    served = {ray.get(h.checksum.remote()) for h in handles.values()}
+    trained = weights_checksum(trainers.state_dict(names))
+    assert served == {trained}, "the engine does not serve the trainer's weights"
+    for h in [*handles.values(), *trainers.ranks]:
+        ray.kill(h)
+    params = sum(m.nbytes for m in meta) // 4
+    return {
+        "params": params,
+        "mb": sum(m.nbytes for m in meta) / 2**20,
+        "seconds": {p: statistics.median(t[1:]) for p, t in times.items()},
+        "all_seconds": times,
+    }
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.cluster import enable_token_auth, write_token
+
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"tiny-1M": str(TINY_MODEL)}
-        for name, shape in SHAPES.items():
+        enable_token_auth(write_token(Path(tmp) / "token"))
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for role in ("trainer_node", "inference_node"):  # each with its own object store
+            cluster.add_node(num_cpus=2, resources={role: 1}, object_store_memory=6 << 30)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="warning")
+        for name, shape in SIZES.items():
             make_random(Path(tmp) / name, shape)
-            paths[name] = str(Path(tmp) / name)
-        states = {n: load_state(Path(p)) for n, p in paths.items()}
-        mb = {
-            n: sum(t.numel() * t.element_size() for t in s.values()) / 2**20
-            for n, s in states.items()
-        }
-        results = bench_ray(states)
-        results["gloo"] = bench_gloo(paths)
-    out = {"weights_mb": mb, "seconds": results}
+            results[name] = bench_size(Path(tmp) / name)
+            s = results[name]["seconds"]
+            print(name, results[name]["params"], s, flush=True)
+        ray.shutdown()
+        cluster.shutdown()
     res = REPO / "bench" / "results"
-    (res / "weight_transport.json").write_text(json.dumps(out, indent=2))
+    (res / "weight_transport.json").write_text(json.dumps(results, indent=2))
     lines = [
-        "# weight transport, trainer process -> engine process (CPU, fp32)",
+        "# weight push, trainer rank -> engine (Ray actors, CPU, fp32)",
         "",
-        "Median of 3 after a warm-up; the receiver touches every tensor.",
+        "One trainer rank and one transformers engine as Ray actors on two Ray nodes of one "
+        "2-core machine (`ray.cluster_utils.Cluster`: each node has its own object store, "
+        "as on a cluster); "
+        f"collective buckets {BUCKET_MB} MiB. Median of 3 after a warm-up; the two paths "
+        "alternate. Each push = export/send + engine receives, checks and loads.",
         "",
-        "| model | MB | ray, torch tensors s | ray, numpy arrays s | gloo broadcast s "
-        "| /dev/shm safetensors s |",
+        "| model | params | MB | object store s | collective (gloo) s | speed-up |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in states:
+    for name, r in results.items():
+        s = r["seconds"]
         lines.append(
-            f"| {name} | {mb[name]:.1f} | {results['ray'][name]:.4f} | "
-            f"{results['ray_numpy'][name]:.4f} | "
-            f"{results['gloo'][name]:.4f} | {results['shm'][name]:.4f} |"
+            f"| {name} | {r['params'] / 1e6:.0f}M | {r['mb']:.0f} | {s['object_store']:.3f} | "
+            f"{s['collective']:.3f} | {s['object_store'] / s['collective']:.2f}x |"
         )
     (res / "weight_transport.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
