@@ -2,24 +2,30 @@
 the driver's process.
 
 ``TrainerRank`` is a plain class (one rank: model, ``Trainer``, membership of the
-``torch.distributed`` group: gloo on CPU, NCCL on GPU); ``TrainerGroup`` makes it
-a Ray actor in one place, ``ranks_per_node`` per node offering the
+``torch.distributed`` group: gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPU); ``TrainerGroup``
+makes it a Ray actor in one place, ``ranks_per_node`` per node offering the
 ``trainer_node`` resource (never placed by hostname), joins the ranks and fans
-calls out. Every rank gets the whole batch and trains its share (``Trainer``);
-rank 0 exports the weights for the engines as a ``HostState`` that stays in
-Ray's object store (the engines fetch it from there, not through the driver).
-``LocalTrainerGroup`` is the same interface over one ``TrainerRank`` in this process
-(``cluster.mode = "local"``): no process group, the weights handed over directly.
+calls out. Every rank gets the whole batch (put in Ray's object store once) and trains its
+share (``Trainer``). The weights reach the engines one of two ways
+(``inference.weight_sync``): rank 0 broadcasts them in buckets over a weight-push group of
+its own with every engine worker (``common.transfer``; under FSDP2 every rank gathers each
+tensor in turn), or rank 0 exports a ``HostState`` that stays in Ray's object store (the
+engines fetch it from there, not through the driver). ``LocalTrainerGroup`` is the same
+interface over one ``TrainerRank`` in this process (``cluster.mode = "local"``): no process
+group of ranks; the push runs on a thread while the engine receives on another.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.transfer import TensorMeta, TransferGroup
 from common.weights import HostState, weights_checksum
 from trainer.config import TrainerConfig
 from trainer.logprobs import sequence_logprobs
@@ -50,12 +56,17 @@ class TrainerRank:
         )
         self.model = model.to("cuda") if torch.cuda.is_available() else model
         self.trainer: Any = None
+        self.transfer: Any = None
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and a free port on this rank's node (asked of rank 0)."""
-        import ray
+        try:
+            import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+            address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        except ImportError:
+            address = "127.0.0.1"
+        return address, _free_port()
 
     def join(self, address: str, port: int) -> int:
         """Join the process group, then build the trainer (which sees the group)."""
@@ -63,7 +74,9 @@ class TrainerRank:
 
         from trainer.trainer import Trainer
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # one group for both kinds of tensors: gradients on the GPU (NCCL), metrics and
+        # counts on the CPU (gloo); plain "nccl" has no CPU backend
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
         )
@@ -103,6 +116,42 @@ class TrainerRank:
 
     def checksum(self) -> str:
         return weights_checksum(self.trainer.state_dict())
+
+    # -- the collective weight push (common.transfer) ----------------------------------------
+    def _served(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors ``names``, whole, one at a time (under FSDP2 each is gathered when
+        its turn comes, a collective of every rank: never the whole model at once)."""
+        from torch.distributed.tensor import DTensor
+
+        state = self.trainer.model.state_dict()
+        for n in names:
+            t = state[n]
+            yield n, t.full_tensor() if isinstance(t, DTensor) else t
+
+    def transfer_meta(self, names: list[str]) -> list[TensorMeta]:
+        """What a push of ``names`` carries: global shapes, in the engines' dtype."""
+        state = self.trainer.model.state_dict()
+        return [TensorMeta.of(n, state[n], getattr(torch, self.cfg.dtype)) for n in names]
+
+    def transfer_address(self) -> tuple[str, int]:
+        """Where the weight-push group meets: this rank's node and a free port."""
+        return self.rendezvous()
+
+    def open_transfer(self, address: str, port: int, world: int) -> None:
+        """Rank 0 opens the weight-push group as its sender, on its model's device (blocks
+        until every engine worker has joined)."""
+        if self.rank == 0:
+            self.transfer = TransferGroup(address, port, 0, world, str(self.model.device))
+
+    def send_weights(self, meta: list[TensorMeta], bucket_bytes: int) -> int:
+        """Broadcast the served weights to the engine workers (rank 0); under FSDP2 every
+        rank must call it, to take part in gathering each tensor. Returns buckets sent."""
+        tensors = self._served([m.name for m in meta])
+        if self.rank != 0:
+            for _ in tensors:  # the gathers rank 0's send needs
+                pass
+            return 0
+        return self.transfer.send(tensors, meta, bucket_bytes)
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs (after the first token) of fixed sequences: the probe's truth."""
@@ -151,7 +200,31 @@ class TrainerGroup:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         import ray
 
-        return ray.get([r.train_step.remote(batch) for r in self.ranks])[0]
+        shared = ray.put(batch)  # once in the object store, not pickled once per rank
+        return ray.get([r.train_step.remote(shared) for r in self.ranks])[0]
+
+    # -- the collective weight push (common.transfer) ----------------------------------------
+    def transfer_address(self) -> tuple[str, int]:
+        import ray
+
+        address, port = ray.get(self.ranks[0].transfer_address.remote())
+        return address, port
+
+    def transfer_meta(self, names: list[str]) -> list[TensorMeta]:
+        import ray
+
+        return ray.get(self.ranks[0].transfer_meta.remote(names))
+
+    def open_transfer(self, address: str, port: int, world: int) -> Pending:
+        """Rank 0 opens the weight-push group; returns at once (the group forms when every
+        engine worker has joined: ``result()`` waits for that)."""
+        return Pending([self.ranks[0].open_transfer.remote(address, port, world)])
+
+    def send_weights(self, meta: list[TensorMeta], bucket_bytes: int) -> Pending:
+        """Start broadcasting the weights (every rank under FSDP2: each tensor is gathered
+        in turn); ``result()`` waits for the last bucket."""
+        ranks = self.ranks if self.sharded else self.ranks[:1]
+        return Pending([r.send_weights.remote(meta, bucket_bytes) for r in ranks])
 
     def host_state(self, names: list[str]) -> Any:
         """An object ref to rank 0's weights (kept in the object store)."""
@@ -192,6 +265,18 @@ class TrainerGroup:
         return ray.get([r.node.remote() for r in self.ranks])
 
 
+class Pending:
+    """Calls under way on some ranks; ``result()`` waits for them and gives rank 0's answer."""
+
+    def __init__(self, refs: list[Any]) -> None:
+        self.refs = refs
+
+    def result(self) -> Any:
+        import ray
+
+        return ray.get(self.refs)[0]
+
+
 class LocalTrainerGroup:
     """The ``TrainerGroup`` interface over one rank in this process."""
 
@@ -199,9 +284,24 @@ class LocalTrainerGroup:
         self.rank = TrainerRank(Path(model_dir), cfg, rank=0, world=1)
         self.rank.alone()
         self.world = 1
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="weight-push")
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.rank.train_step(batch)
+
+    def transfer_address(self) -> tuple[str, int]:
+        return self.rank.transfer_address()
+
+    def transfer_meta(self, names: list[str]) -> list[TensorMeta]:
+        return self.rank.transfer_meta(names)
+
+    def open_transfer(self, address: str, port: int, world: int) -> Future[None]:
+        """Open the weight-push group on a thread (the engines join from this process)."""
+        return self._pool.submit(self.rank.open_transfer, address, port, world)
+
+    def send_weights(self, meta: list[TensorMeta], bucket_bytes: int) -> Future[int]:
+        """Broadcast on a thread, while the engines receive on theirs."""
+        return self._pool.submit(self.rank.send_weights, meta, bucket_bytes)
 
     def host_state(self, names: list[str]) -> HostState:
         """The weights engines serve, handed over as they are (no copy until loaded)."""
