@@ -21,9 +21,9 @@ Every check calls Caravela's classes (``TrainerRank``/``Trainer``, ``trainer.che
 - ``engine_generate``: ``DirTransformersEngine`` on the GPU takes the trained weights
   (``update_weights``, checksum equal to the trainer's), samples with logprobs (tokens/s) and
   passes the weight-sync probe against the trainer's logprobs (``PROBE_TOLERANCE``).
-- ``weight_push`` (two processes, one GPU each; skipped with one GPU): ``TransferGroup`` rank
-  0 ``send``s the served weights, rank 1 ``receive``s them over NCCL; ``weights_checksum``
-  equal on both sides, seconds and GB/s per push.
+- ``weight_push`` (two processes, one GPU each; skipped with one GPU; ``acceptance_push.py``):
+  ``TransferGroup`` rank 0 ``send``s the served weights, rank 1 ``receive``s them over NCCL;
+  ``weights_checksum`` equal on both sides, seconds and GB/s per push.
 
 A failing check records its error and the next one runs (checks that need an earlier one's
 trainer say so). The model is a RANDOM Qwen2-0.5B shape (``bench/gpu_trainer.py``'s
@@ -54,8 +54,6 @@ import gc
 import json
 import math
 import os
-import queue
-import socket
 import sys
 import tempfile
 import time
@@ -116,23 +114,17 @@ ARGS = parse_args() if __name__ == "__main__" else None
 # bench/gpu_trainer.py and gpu_report.py (model, batches, environment) import transformers:
 # imported where used, so the spawned push ranks start with torch alone
 import torch  # noqa: E402
+from acceptance_push import free_port, push  # noqa: E402  (bench/)
 
-from common.transfer import TensorMeta, TransferGroup, named  # noqa: E402
 from common.weights import weights_checksum  # noqa: E402
 from inference_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
 from inference_server.transformers_backend import DirTransformersEngine  # noqa: E402
-from inference_server.weights import PROBE_TOLERANCE, served_shapes  # noqa: E402
+from inference_server.weights import PROBE_TOLERANCE  # noqa: E402
 from trainer.config import TrainerConfig  # noqa: E402
 from trainer.group import TrainerRank  # noqa: E402
 from trainer.protocol import TrainBatch, TrainSample  # noqa: E402
 
 # --------------------------------------------------------------------------- set-up
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def save_model(args: argparse.Namespace, device: torch.device, path: Path) -> Path:
@@ -458,95 +450,14 @@ class Acceptance:
         return res
 
     def weight_push(self) -> dict:
-        args = self.args
         if self.device.type == "cuda" and torch.cuda.device_count() < 2:
             return {"status": "skipped", "reason": "needs 2 GPUs, found 1"}
         self.rank = None  # free the trainer's memory first
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        ctx = torch.multiprocessing.get_context("spawn")
-        out: Any = ctx.Queue()
-        port, bucket = free_port(), int(args.bucket_mb * 2**20)
-        spec = (port, str(self.model_dir), args.device, bucket, args.pushes, args.threads, out)
-        procs = [ctx.Process(target=push_rank, args=(r, *spec)) for r in range(2)]
-        for p in procs:
-            p.start()
-        got: dict[int, dict] = {}
-        try:
-            for _ in procs:
-                r = out.get(timeout=240)  # the ranks' own rendezvous gives up at 180 s
-                got[r["rank"]] = r
-        except queue.Empty:
-            missing = sorted({0, 1} - set(got))
-            raise TimeoutError(f"weight push: ranks {missing} never reported") from None
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.terminate()
-        errors = {r: g["error"] for r, g in got.items() if "error" in g}
-        if errors:
-            raise RuntimeError(f"weight push failed: {errors}")
-        send = got[0]["seconds"][1:]  # the first push sets up the communicator
-        res = {
-            "backend": "nccl" if self.device.type == "cuda" else "gloo",
-            "bytes": got[0]["bytes"],
-            "buckets": got[0]["buckets"],
-            "bucket_bytes": bucket,
-            "first_push_seconds": got[0]["seconds"][0],
-            "push_seconds": send,
-            "receive_seconds": got[1]["seconds"][1:],
-            "gb_per_s": got[0]["bytes"] / min(send) / 1e9,
-            "checksum_sender": got[0]["checksum"],
-            "checksum_receiver": got[1]["checksum"],
-        }
-        res["passed"] = res["checksum_sender"] == res["checksum_receiver"]
-        return res
-
-
-def push_rank(
-    rank: int,
-    port: int,
-    model_dir: str,
-    device_type: str,
-    bucket_bytes: int,
-    pushes: int,
-    threads: int,
-    out: Any,
-) -> None:
-    """One end of the weight push (a spawned process): rank 0 sends the served weights in
-    bfloat16, rank 1 receives them; both report the checksum and seconds per push."""
-    try:
-        from safetensors.torch import load_file
-
-        torch.set_num_threads(threads)
-        device = "cpu"
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
-            device = f"cuda:{rank}"
-        meta = [TensorMeta(n, "bfloat16", s) for n, s in served_shapes(Path(model_dir)).items()]
-        group = TransferGroup("127.0.0.1", port, rank, 2, device, timeout_s=180)
-        state: dict[str, torch.Tensor] = {}
-        if rank == 0:
-            for f in sorted(Path(model_dir).glob("*.safetensors")):
-                state.update(load_file(f, device=device))
-            state = {m.name: state[m.name].to(torch.bfloat16) for m in meta}
-        seconds, sent = [], 0
-        for _ in range(pushes):
-            sync(torch.device(device))
-            t0 = time.perf_counter()
-            if rank == 0:
-                sent = group.send(named(state, meta), meta, bucket_bytes)
-            else:
-                state = group.receive(meta, bucket_bytes)
-            sync(torch.device(device))
-            seconds.append(time.perf_counter() - t0)
-        report = {"checksum": weights_checksum(state), "seconds": seconds, "buckets": sent}
-        out.put({"rank": rank, "bytes": sum(m.nbytes for m in meta), **report})
-        group.close()
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the check
-        out.put({"rank": rank, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})
+        bucket = int(self.args.bucket_mb * 2**20)
+        return push(self.model_dir, self.args.device, bucket, self.args.pushes, self.args.threads)
 
 
 # --------------------------------------------------------------------------- running
