@@ -25,6 +25,8 @@ from trainer.config import TrainerConfig
 
 DATASET_FORMATS = (".jsonl", ".json", ".parquet")
 """File suffixes a prompt source may have (``orchestrator.data`` reads each)."""
+RESERVED_FIELDS = ("prompt", "completion", "env")
+"""Names a dataset's ``fields`` cannot map to: the scorer's own arguments, the env tag."""
 
 
 class ConfigError(ValueError):
@@ -33,7 +35,8 @@ class ConfigError(ValueError):
 
 class DatasetSpec(StrictModel):
     """A prompt source: a local JSONL, JSON or Parquet file of ``{"id", "prompt", "answer",
-    ...}`` rows; every column besides the id and the prompt goes to the env's scorer."""
+    ...}`` rows; every column besides the id and the prompt goes to the env's scorer (under
+    the name ``fields`` gives it, else its own)."""
 
     path: Path
     """``.jsonl``, ``.json`` (an array of objects, or JSON lines) or ``.parquet`` file
@@ -47,6 +50,25 @@ class DatasetSpec(StrictModel):
     id_field: str = "id"
     """Column holding each row's unique id; ``""``: the file has none, ids are
     ``<file stem>-<row number>`` (stable while the file is unchanged)."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Scorer field -> the column holding it, for columns named otherwise than the env's
+    scorer reads them: ``fields = { answer = "solution" }`` passes MATH's ``solution`` column
+    as ``answer`` (and no longer as ``solution``); unnamed columns pass as they are. The
+    fields an env needs are in its manifest (``required_fields``): a dataset lacking one is
+    refused when loaded, naming it."""
+
+    @field_validator("fields")
+    @classmethod
+    def _fields_are_scorer_fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        for name, column in fields.items():
+            if name in RESERVED_FIELDS:
+                raise ValueError(
+                    f"fields.{name}: {name!r} is not a scorer field (the scorer gets the "
+                    "prompt and completion itself; the prompt column is prompt_field)"
+                )
+            if not name or not column:
+                raise ValueError(f"fields: empty name in {{{name!r} = {column!r}}}")
+        return fields
 
     @field_validator("path")
     @classmethod
@@ -214,6 +236,19 @@ class RunConfig(StrictModel):
                 "rollout.stale = 'tis' corrects stale samples with truncated importance "
                 "sampling, which needs trainer.loss.tis_cap (e.g. 2.0); set it, or use "
                 "rollout.stale = 'drop'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self) -> RunConfig:
+        t = self.trainer
+        total = self.steps * t.updates_per_batch
+        if t.lr_schedule != "constant" and 0 < total <= t.warmup_steps:
+            raise ValueError(
+                f"trainer.lr_schedule = {t.lr_schedule!r} decays after the warm-up, but "
+                f"trainer.warmup_steps = {t.warmup_steps} covers the whole run ({self.steps} "
+                f"steps x {t.updates_per_batch} updates = {total} optimizer steps); lower "
+                "warmup_steps or use trainer.lr_schedule = 'constant'"
             )
         return self
 

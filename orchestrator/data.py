@@ -1,25 +1,29 @@
 """Prompt sources: JSONL/JSON/Parquet datasets tagged with an env, and their token ids.
 
 Each row needs an id and a prompt (columns ``id`` and ``prompt`` unless the dataset's
-``id_field``/``prompt_field`` say otherwise) plus whatever fields its env's scorer takes
-(``answer`` for the built-ins). Sampling is seeded: a dataset is drawn by weight, then its
-next row in a per-epoch shuffled order, so no prompt repeats within a dataset's epoch and a
-run is reproducible from its seed. Datasets join (``add``) and leave (``remove``) the
-mixture mid-run; the sampler's ``state()`` records the mixture, so a resume continues the
-exact stream. Prompts carry their token ids when ``caravela data prepare`` made them
-(``orchestrator/prepare.py`` writes them, a ``TokenStore`` hands them over). Drawing from
-the mixture is ``orchestrator.sampler``'s.
+``id_field``/``prompt_field`` say otherwise) plus the fields its env's scorer needs (the env
+manifest's ``required_fields``: ``answer`` for most built-ins), under the names the dataset's
+``fields`` mapping gives its columns (``read_dataset`` checks every row as it loads).
+Sampling is seeded: a dataset is drawn by weight, then its next row in a per-epoch shuffled
+order, so no prompt repeats within a dataset's epoch and a run is reproducible from its
+seed. Datasets join (``add``) and leave (``remove``) the mixture mid-run; the sampler's
+``state()`` records the mixture, so a resume continues the exact stream. Prompts carry
+their token ids when ``caravela data prepare`` made them (``orchestrator/prepare.py``
+writes them, a ``TokenStore`` hands them over). Drawing from the mixture is
+``orchestrator.sampler``'s.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.config import DATASET_FORMATS, DatasetSpec
+from reward_envs.config import EnvSpec
+from reward_envs.manifest import load_manifest, missing_fields
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,13 +91,55 @@ class Prompt:
     prepared ahead of the run or tokenized by the ``Prefetcher``."""
 
 
+Required = Sequence[str | list[str]]
+"""Fields an env needs on every item (its manifest's ``required_fields``)."""
+
+
+def required_fields(envs: Sequence[EnvSpec]) -> dict[str, Required]:
+    """Env name -> the fields its scorer needs, from each env's manifest."""
+    return {e.name: load_manifest(e.path).required_fields for e in envs}
+
+
+def read_dataset(spec: DatasetSpec, required: Required = ()) -> list[Prompt]:
+    """``spec``'s rows as prompts (its columns and ``fields`` mapping); ``required``: the
+    fields its env needs (``required_fields``), an error naming the field, the dataset and
+    the env when rows lack one."""
+    prompts = read_prompts(spec.path, spec.env, spec.prompt_field, spec.id_field, spec.fields)
+    check_fields(prompts, f"dataset {spec.path}", spec.env, required)
+    return prompts
+
+
+def check_fields(prompts: Sequence[Prompt], what: str, env: str, required: Required) -> None:
+    """Raise when some of ``prompts`` (the rows of ``what``) lack a field ``env`` needs."""
+    for need in required:
+        lacking = [p for p in prompts if missing_fields(p.fields, [need])]
+        if not lacking:
+            continue
+        first = lacking[0]
+        (text,) = missing_fields(first.fields, [need])
+        field, name = (f"the field {text}", need) if isinstance(need, str) else (text, need[0])
+        raise ValueError(
+            f"{what}: {len(lacking)} of {len(prompts)} rows lack {field}, which env "
+            f"{env!r} needs (required_fields in its caravela-env.toml); the first is the row "
+            f"with id {first.id!r} (its other columns: {', '.join(first.fields) or 'none'}). "
+            "If a column holds it under another name, map it in the dataset's [[datasets]] "
+            f'entry: fields = {{ {name} = "<column>" }}'
+        )
+
+
 def read_prompts(
-    path: Path, env: str | None = None, prompt_field: str = "prompt", id_field: str = "id"
+    path: Path,
+    env: str | None = None,
+    prompt_field: str = "prompt",
+    id_field: str = "id",
+    fields: Mapping[str, str] | None = None,
 ) -> list[Prompt]:
     """Rows of a ``.jsonl``/``.json``/``.parquet`` file as prompts, in file order.
 
     ``env`` tags every row (else a row's own ``env`` column). ``id_field = ""``: ids are
-    ``<file stem>-<row number>``. A bad row is an error naming file, row and column.
+    ``<file stem>-<row number>``. ``fields`` (field -> column) renames columns: a row
+    without the column lacks the field; a column in no row is an error. A bad row is an
+    error naming file, row and column.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -106,13 +152,20 @@ def read_prompts(
             f"dataset file {path} not found (relative dataset paths are to the config file)"
         )
     where = f"{path}:{{}}" if suffix == ".jsonl" else f"{path}: row {{}}"  # .format(n)
-    rows = _parquet_rows(path, prompt_field, id_field) if suffix == ".parquet" else _json_rows(path)
+    fields = dict(fields or {})
+    rows = (
+        _parquet_rows(path, prompt_field, id_field, fields)
+        if suffix == ".parquet"
+        else _json_rows(path)
+    )
+    mapped_seen: set[str] = set()  # mapped columns found in some row
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     stem = path.stem
     for n, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{where.format(n)}: each row must be an object, got {row!r:.80}")
+        source = dict(row) if fields else row  # a mapped column may be the prompt or id too
         if id_field:
             row_id = row.pop(id_field, _MISSING)
             if row_id is _MISSING or row_id is None or isinstance(row_id, (dict, list, float)):
@@ -123,6 +176,11 @@ def read_prompts(
         text = row.pop(prompt_field, _MISSING)
         if not isinstance(text, str):
             raise ValueError(_bad_field(where.format(n), row, prompt_field, text, prompt=True))
+        if fields:
+            for column in fields.values():
+                row.pop(column, None)
+            row.update((name, source[c]) for name, c in fields.items() if c in source)
+            mapped_seen.update(c for c in fields.values() if c in source)
         p = Prompt(
             id=row_id,
             text=text,
@@ -138,6 +196,12 @@ def read_prompts(
         prompts.append(p)
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
+    unseen = [f"{name} = {c!r}" for name, c in fields.items() if c not in mapped_seen]
+    if unseen:
+        raise ValueError(
+            f"{path}: no row has the column of fields {{ {', '.join(unseen)} }}; fix the "
+            "column names in its [[datasets]] entry"
+        )
     return prompts
 
 
@@ -186,7 +250,9 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     raise ValueError(f"{path}: a line holds more than one JSON value; one object per line")
 
 
-def _parquet_rows(path: Path, prompt_field: str, id_field: str) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(
+    path: Path, prompt_field: str, id_field: str, fields: dict[str, str]
+) -> Iterator[tuple[int, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -201,5 +267,11 @@ def _parquet_rows(path: Path, prompt_field: str, id_field: str) -> Iterator[tupl
                 f"{path}: no column {name!r} (columns: {', '.join(columns)}); set {key} in its "
                 f"[[datasets]] entry to the column that holds it"
                 + ("" if key == "prompt_field" else ', or id_field = "" for row-number ids')
+            )
+    for name, column in fields.items():
+        if column not in columns:
+            raise ValueError(
+                f"{path}: no column {column!r} (columns: {', '.join(columns)}); fix fields.{name} "
+                "in its [[datasets]] entry"
             )
     yield from enumerate(table.to_pylist(), 1)

@@ -22,7 +22,7 @@ from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.tokens import encode_prompts
 from inference_server.transformers_backend import TransformersEngine
 from orchestrator.config import RunConfig
-from orchestrator.data import Prompt, read_jsonl
+from orchestrator.data import Prompt, check_fields, read_jsonl, required_fields
 from orchestrator.scoring import Scorer
 from reward_envs.protocol import Item
 
@@ -133,6 +133,8 @@ def evaluate_heldout(cfg: RunConfig, model: Any, tok: Any, scorer: Scorer) -> Ev
     if len(by_env) != 1:
         raise ValueError("held-out evaluation takes prompts of one env; split the file")
     env, prompts = next(iter(by_env.items()))
+    needs = required_fields([e for e in cfg.envs if e.name == env]).get(env, ())
+    check_fields(prompts, f"eval.heldout {cfg.eval.heldout}", env, needs)
     rows = [{"prompt": p.text, **p.fields} for p in prompts]
     return evaluate_passk(
         model,

@@ -24,6 +24,7 @@ from typing import Any
 from orchestrator.config import DatasetSpec, RunConfig
 from orchestrator.protocol import LiveEnv
 from reward_envs.config import EnvSpec
+from reward_envs.manifest import load_manifest
 
 
 class LiveEnvs:
@@ -122,7 +123,7 @@ class LiveEnvs:
         dataset = DatasetSpec(path=entry.dataset, env=name, weight=entry.weight)
         self.scorer.add(spec)
         try:
-            self.sampler.add(dataset)
+            self.sampler.add(dataset, load_manifest(spec.path).required_fields)
         except BaseException:
             self.scorer.remove(name)
             raise

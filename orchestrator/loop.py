@@ -26,7 +26,7 @@ from typing import Any
 
 from orchestrator import checkpoint
 from orchestrator.config import RunConfig
-from orchestrator.data import context_limit
+from orchestrator.data import context_limit, required_fields
 from orchestrator.evaluate import EvalResult, describe, evaluate_heldout
 from orchestrator.live import LiveEnvs
 from orchestrator.parts import Parts, open_parts
@@ -206,7 +206,13 @@ def prompt_stream(cfg: RunConfig, log: Log) -> Prefetcher:
 
     context = context_limit(cfg.model)
     return Prefetcher(
-        PromptSampler(cfg.datasets, cfg.seed, store=PreparedStore.for_run(cfg, log), log=log),
+        PromptSampler(
+            cfg.datasets,
+            cfg.seed,
+            store=PreparedStore.for_run(cfg, log),
+            required=required_fields(cfg.envs),
+            log=log,
+        ),
         batch_size=cfg.rollout.prompts_per_step,
         encode=partial(encode_prompts, AutoTokenizer.from_pretrained(cfg.model)),
         max_prompt_tokens=None if context is None else context - cfg.rollout.max_new_tokens,

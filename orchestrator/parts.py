@@ -159,6 +159,11 @@ def _probe(cfg: RunConfig, tok: Any) -> tuple[list[str], list[list[int]], float,
     return sorted(served_shapes(cfg.model)), probe, tol, bucket
 
 
+def total_updates(cfg: RunConfig) -> int:
+    """The run's optimizer updates, what ``trainer.lr_schedule`` decays over."""
+    return cfg.steps * cfg.trainer.updates_per_batch
+
+
 def local_parts(cfg: RunConfig, tok: Any) -> Parts:
     """One trainer rank, one engine and one pool per env, in this process."""
     from inference_server.actors import start_local_engines
@@ -167,7 +172,7 @@ def local_parts(cfg: RunConfig, tok: Any) -> Parts:
     from trainer.group import LocalTrainerGroup
 
     backend = cfg.inference.backend
-    trainers = LocalTrainerGroup(cfg.model, cfg.trainer)
+    trainers = LocalTrainerGroup(cfg.model, cfg.trainer, total_updates(cfg))
     engines = LocalRouter(start_local_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed))
     try:
         scorer = LocalScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
@@ -200,7 +205,7 @@ def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
     from trainer.group import TrainerGroup
 
     backend = cfg.inference.backend
-    trainers = TrainerGroup(cfg.model, cfg.trainer)
+    trainers = TrainerGroup(cfg.model, cfg.trainer, total_updates(cfg))
     engines = EngineRouter(start_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed))
     scorer = RayScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     parts = Parts(engines, scorer, trainers, *_probe(cfg, tok), on_ray=True)

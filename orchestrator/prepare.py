@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import DatasetSpec, RunConfig
-from orchestrator.data import Prompt, TokenTable, read_prompts
+from orchestrator.data import Prompt, TokenTable, read_dataset, required_fields
 
 FORMAT = "caravela-prepared-v1"
 """Bump when ``encode_prompts`` changes what ids a text gets."""
@@ -163,6 +163,7 @@ def prepare(
             log(f"{spec.path}: up to date ({path})")
     if not todo:
         return paths
+    required = required_fields(cfg.envs)
     _load_tokenizer(str(cfg.model))  # before forking: the workers inherit it
     pool = None
     if workers > 1:
@@ -172,7 +173,7 @@ def prepare(
     try:
         for path, spec in todo.items():
             t0 = time.perf_counter()
-            prompts = read_prompts(spec.path, spec.env, spec.prompt_field, spec.id_field)
+            prompts = read_dataset(spec, required.get(spec.env, ()))  # refused here, early
             texts = [p.text for p in prompts]
             size = max(256, min(8192, -(-len(texts) // (4 * workers))))
             chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
@@ -196,7 +197,7 @@ def prepared_ids(cfg: RunConfig, store: PreparedStore | None = None) -> dict[str
     store = store or PreparedStore.for_run(cfg)
     out: dict[str, list[int]] = {}
     for spec in [*cfg.datasets, heldout_spec(cfg)]:
-        prompts = read_prompts(spec.path, spec.env, spec.prompt_field, spec.id_field)
+        prompts = read_dataset(spec)
         table = store.load(spec, prompts)
         if table is not None:
             out.update((p.id, list(table[i])) for i, p in enumerate(prompts))

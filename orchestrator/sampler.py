@@ -19,13 +19,13 @@ import dataclasses
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import DatasetSpec
-from orchestrator.data import Encode, Prompt, TokenStore, TokenTable, read_prompts
+from orchestrator.data import Encode, Prompt, Required, TokenStore, TokenTable, read_dataset
 
 
 @dataclass
@@ -49,9 +49,10 @@ class _Source:
         return f"prompts_too_long/{Path(self.spec.path).stem}"
 
 
-def _key(spec: DatasetSpec) -> tuple[str, str, str, str]:
+def _key(spec: DatasetSpec) -> tuple[str, ...]:
     """What makes two specs the same dataset of the mixture (the weight may differ)."""
-    return str(spec.path), spec.env, spec.prompt_field, spec.id_field
+    mapped = (f"{name}={column}" for name, column in sorted(spec.fields.items()))
+    return str(spec.path), spec.env, spec.prompt_field, spec.id_field, *mapped
 
 
 class PromptSampler:
@@ -60,6 +61,8 @@ class PromptSampler:
     ``store`` (``orchestrator.prepare.PreparedStore``): prompts come with the token ids
     ``caravela data prepare`` wrote for their dataset, when it did.
     ``max_prompt_tokens``: prompts with more token ids are skipped (``limit``).
+    ``required``: env name -> the fields its scorer needs (``orchestrator.data.required_fields``);
+    a dataset lacking one is refused as it loads.
     """
 
     def __init__(
@@ -70,9 +73,11 @@ class PromptSampler:
         *,
         max_prompt_tokens: int | None = None,
         encode: Encode | None = None,
+        required: Mapping[str, Required] | None = None,
         log: Callable[[str], Any] = print,
     ) -> None:
         self.rng = random.Random(seed)
+        self.required = dict(required or {})
         self.store = store
         self.log = log
         self.max_prompt_tokens: int | None = None
@@ -102,7 +107,7 @@ class PromptSampler:
         self.encode = encode if encode is not None else self.encode
 
     def _load(self, spec: DatasetSpec) -> None:
-        prompts = read_prompts(spec.path, spec.env, spec.prompt_field, spec.id_field)
+        prompts = read_dataset(spec, self.required.get(spec.env, ()))
         ids = self.store.load(spec, prompts) if self.store is not None else None
         self._append(_Source(spec, prompts, ids))
 
@@ -236,9 +241,12 @@ class PromptSampler:
                 out[s.metric()] = out.get(s.metric(), 0.0) + float(len(s.too_long))
         return out
 
-    def add(self, spec: DatasetSpec) -> None:
+    def add(self, spec: DatasetSpec, required: Required | None = None) -> None:
         """``spec`` joins the mixture with its weight from the next ``sample()`` on; a dataset
-        removed before comes back where its epoch stopped."""
+        removed before comes back where its epoch stopped. ``required``: the fields its env
+        needs, when the env is new to this sampler."""
+        if required is not None:
+            self.required[spec.env] = required
         for source in self.sources:
             if _key(source.spec) == _key(spec):
                 if source.active:
@@ -403,10 +411,10 @@ class Prefetcher:
             self._rewind()
             self.sampler.restore(state, inflight)
 
-    def add(self, spec: DatasetSpec) -> None:
+    def add(self, spec: DatasetSpec, required: Required | None = None) -> None:
         with self._cond:
             self._rewind()
-            self.sampler.add(spec)
+            self.sampler.add(spec, required)
 
     def remove(self, env: str) -> None:
         with self._cond:

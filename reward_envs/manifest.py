@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from common.config import StrictModel
 from reward_envs.protocol import Item
@@ -57,8 +57,26 @@ class Manifest(StrictModel):
     rate-limited service."""
     batch_size: int = Field(16, ge=1)
     """Items per call for the batch and trl APIs."""
+    required_fields: list[str | list[str]] = Field(default_factory=list)
+    """Dataset fields the scorer needs on every item besides the prompt, e.g. ``["answer"]``;
+    a list inside names alternatives, one of which suffices (``[["tests", "asserts"]]``). A
+    run refuses a dataset of this env lacking one when it loads it, naming the field (a
+    ``fields`` mapping in the dataset's ``[[datasets]]`` entry gives other columns these
+    names). Empty: nothing is checked."""
     examples: list[ExampleItem] = Field(default_factory=list)
     """Items with their expected scores."""
+
+    @model_validator(mode="after")
+    def _examples_carry_required_fields(self) -> Manifest:
+        if any(not need for need in self.required_fields):
+            raise ValueError("required_fields: an entry is empty; give a name or names")
+        for i, e in enumerate(self.examples):
+            lacking = missing_fields(self.fields(e), self.required_fields)
+            if lacking:
+                raise ValueError(
+                    f"examples[{i}] lacks {lacking[0]}, which required_fields asks of every item"
+                )
+        return self
 
     def example_items(self) -> list[Item]:
         """The examples as items to score (the admission canary, ``caravela env test``)."""
@@ -69,6 +87,19 @@ class Manifest(StrictModel):
         if item.answer is not None:
             extra["answer"] = item.answer
         return extra
+
+
+def missing_fields(fields: dict[str, Any], required: list[str | list[str]]) -> list[str]:
+    """The entries of ``required`` (a manifest's ``required_fields``) that ``fields`` lacks,
+    each as text for a message (``'answer'``, ``one of 'tests', 'asserts'``); a null value
+    counts as missing."""
+    out = []
+    for need in required:
+        names = [need] if isinstance(need, str) else need
+        if all(fields.get(n) is None for n in names):
+            quoted = ", ".join(repr(n) for n in names)
+            out.append(quoted if len(names) == 1 else f"one of {quoted}")
+    return out
 
 
 def load_manifest(env_dir: Path) -> Manifest:

@@ -113,6 +113,7 @@ def load(trainer: Trainer, path: Path) -> int:
         dcp.load(state, checkpoint_id=path / SHARDS, no_dist=_no_dist())
     trainer.restore(state)
     trainer.scheduler.load_state_dict(saved.scheduler)
+    _rates_from_schedule(trainer)
     trainer.version = saved.version
     own = path / RNG / f"rank-{trainer.rank}.pt"
     rng = torch.load(own if own.exists() else path / RNG / "rank-0.pt")
@@ -120,6 +121,18 @@ def load(trainer: Trainer, path: Path) -> int:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return saved.version
+
+
+def _rates_from_schedule(trainer: Trainer) -> None:
+    """The next update's learning rate from this trainer's schedule at the loaded step: the
+    optimizer state holds the rate the saved run's schedule set, which differs when the
+    resumed run's length (``steps``) does."""
+    sched = trainer.scheduler
+    lambdas = zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+    rates = [base * f(sched.last_epoch) for base, f in lambdas]
+    for group, lr in zip(trainer.optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    sched._last_lr = rates
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -70,14 +70,24 @@ class TrainerConfig(StrictModel):
     """How the trainer group turns scored groups into a weight update."""
 
     lr: float = Field(1e-4, gt=0.0, le=1.0)
-    """AdamW learning rate (constant after warm-up). 1e-4 learns the tiny model; 5e-4
-    collapsed it."""
+    """AdamW peak learning rate, reached at the end of the warm-up (``lr_schedule`` says what
+    follows). 1e-4 learns the tiny model; 5e-4 collapsed it."""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW (beta1, beta2)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW decoupled weight decay."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear learning-rate warm-up, in optimizer steps (``updates_per_batch`` per batch)."""
+    """Linear learning-rate warm-up, in optimizer steps (``updates_per_batch`` per batch): the
+    k-th update (from 1) runs at ``lr x k / warmup_steps``. 0: none."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """The learning rate after the warm-up: ``constant`` stays at ``lr``; ``linear`` and
+    ``cosine`` decay from ``lr`` to ``min_lr_ratio x lr`` over the rest of the run (its
+    ``steps x updates_per_batch`` optimizer steps; a step with no batch to train on takes
+    none). The schedule's position is checkpointed; a resumed run continues it, over its
+    own ``steps`` (trainer/schedule.py)."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Where ``linear`` and ``cosine`` end, as a fraction of ``lr`` (0: decay to zero; 0.1
+    is a common choice). Only with a decaying ``lr_schedule``."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     """Clip the global gradient norm to this value before every optimizer step."""
     updates_per_batch: int = Field(1, ge=1)
@@ -144,6 +154,16 @@ class TrainerConfig(StrictModel):
                 "trainer.master_dtype = 'bfloat16' with trainer.dtype = 'float32' would compute "
                 "in float32 over bf16 weights; set trainer.master_dtype = 'float32' (or both "
                 "to 'bfloat16' for pure bf16)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _min_lr_needs_decay(self) -> TrainerConfig:
+        if self.min_lr_ratio > 0 and self.lr_schedule == "constant":
+            raise ValueError(
+                f"trainer.min_lr_ratio = {self.min_lr_ratio} is where a decaying schedule ends, "
+                "but trainer.lr_schedule is 'constant'; set trainer.lr_schedule = 'cosine' "
+                "(or 'linear'), or unset trainer.min_lr_ratio"
             )
         return self
 

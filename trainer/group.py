@@ -43,11 +43,21 @@ def _free_port() -> int:
 class TrainerRank:
     """One data-parallel rank."""
 
-    def __init__(self, model_dir: Path, cfg: TrainerConfig, rank: int, world: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        cfg: TrainerConfig,
+        rank: int,
+        world: int,
+        total_updates: int | None = None,
+    ) -> None:
+        """``total_updates``: the run's optimizer updates, what the learning rate decays
+        over (``Trainer``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_rank)))
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.total_updates = total_updates
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         model: Any = AutoModelForCausalLM.from_pretrained(
             model_dir,
@@ -80,14 +90,14 @@ class TrainerRank:
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
         )
-        self.trainer = Trainer(self.model, self.cfg, pad_id=self.tok.pad_token_id)
+        self.trainer = Trainer(self.model, self.cfg, self.tok.pad_token_id, self.total_updates)
         return self.rank
 
     def alone(self) -> int:
         """Build the trainer without a process group (the only rank, in the driver)."""
         from trainer.trainer import Trainer
 
-        self.trainer = Trainer(self.model, self.cfg, pad_id=self.tok.pad_token_id)
+        self.trainer = Trainer(self.model, self.cfg, self.tok.pad_token_id, self.total_updates)
         return self.rank
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -166,7 +176,10 @@ class TrainerRank:
 class TrainerGroup:
     """``ranks_per_node`` ranks on every trainer node, joined into one process group."""
 
-    def __init__(self, model_dir: Path, cfg: TrainerConfig) -> None:
+    def __init__(
+        self, model_dir: Path, cfg: TrainerConfig, total_updates: int | None = None
+    ) -> None:
+        """``total_updates``: the run's optimizer updates (``TrainerRank``)."""
         import ray
 
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(TRAINER_RESOURCE)]
@@ -185,7 +198,9 @@ class TrainerGroup:
             # (1e-3 each) share the rest, so both land on the same nodes
             resources={TRAINER_RESOURCE: 0.9 / cfg.ranks_per_node},
         )(TrainerRank)
-        self.ranks: list[Any] = [actor.remote(Path(model_dir), cfg, r, world) for r in range(world)]
+        self.ranks: list[Any] = [
+            actor.remote(Path(model_dir), cfg, r, world, total_updates) for r in range(world)
+        ]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([r.join.remote(address, port) for r in self.ranks])
         self.world = world
@@ -280,8 +295,10 @@ class Pending:
 class LocalTrainerGroup:
     """The ``TrainerGroup`` interface over one rank in this process."""
 
-    def __init__(self, model_dir: Path, cfg: TrainerConfig) -> None:
-        self.rank = TrainerRank(Path(model_dir), cfg, rank=0, world=1)
+    def __init__(
+        self, model_dir: Path, cfg: TrainerConfig, total_updates: int | None = None
+    ) -> None:
+        self.rank = TrainerRank(Path(model_dir), cfg, 0, 1, total_updates)
         self.rank.alone()
         self.world = 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weight-push")

@@ -52,6 +52,7 @@ from trainer.logprobs import PolicyLogprobs, micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
 from trainer.protocol import TrainBatch
+from trainer.schedule import lr_lambda
 
 
 def shard(lengths: list[int], rank: int, world: int) -> list[int]:
@@ -113,7 +114,16 @@ def fsdp2(policy: PolicyLogprobs, compute_dtype: torch.dtype | None = None) -> N
 class Trainer:
     """Owns the policy model, its optimiser and (when ``kl_beta > 0``) a frozen reference."""
 
-    def __init__(self, model: nn.Module, cfg: TrainerConfig, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainerConfig,
+        pad_id: int = 0,
+        total_updates: int | None = None,
+    ) -> None:
+        """``total_updates``: the optimizer updates of the whole run (its steps x
+        ``updates_per_batch``), what ``linear``/``cosine`` ``lr_schedule``s decay over;
+        None (unit tests, benchmarks) only with the ``constant`` one."""
         self.cfg = cfg
         self.model = model
         self.pad_id = pad_id
@@ -150,9 +160,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
-        warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+            self.optimizer, lr_lambda(cfg, total_updates)
         )
         self.loss_params = LossParams(
             eps_low=cfg.loss.eps_low,
@@ -181,8 +190,8 @@ class Trainer:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """``updates_per_batch`` optimizer updates on ``batch`` (one new policy version);
-        returns metrics: token-weighted means over the whole batch (so over the updates), loss
-        and gradient norm averaged over the updates."""
+        returns metrics: token-weighted means over the whole batch (so over the updates), loss,
+        gradient norm and learning rate averaged over the updates."""
         t0 = time.perf_counter()
         lengths = [len(s.completion_ids) for s in batch.samples]
         parts = minibatches(lengths, self.cfg.updates_per_batch)
@@ -194,8 +203,9 @@ class Trainer:
         # current logprobs themselves, detached: no extra forward)
         old = self._old_logprobs(batch, updates) if len(parts) > 1 else None
         sums: dict[str, float] = {}
-        total_loss, grad_norm = 0.0, 0.0
+        total_loss, grad_norm, lr = 0.0, 0.0, 0.0
         for k, (part, micro) in enumerate(zip(parts, updates, strict=True)):
+            lr += float(self.scheduler.get_last_lr()[0])  # what this update steps with
             loss, norm = self._update(batch, part, micro, None if old is None else old[k], sums)
             total_loss += loss
             grad_norm += norm
@@ -213,7 +223,7 @@ class Trainer:
         out.update(
             loss=total_loss / len(parts),
             grad_norm=grad_norm / len(parts),
-            lr=float(self.scheduler.get_last_lr()[0]),
+            lr=lr / len(parts),
             updates=float(len(parts)),
             micro_batches=float(len(every)),
             padding_frac=padding_fraction(every) if every else 0.0,
