@@ -11,6 +11,7 @@ script for the job's ``caravela run`` to load.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,24 @@ def job_request(cfg: RunConfig) -> launcher.JobRequest:
         if isolation.type == "venv":
             stores[env.name] = Path(isolation.store or default_store())
     backend = cfg.inference.backend
+    run_dir = Path(cfg.output_dir).resolve()
+    prepared = cfg.prepared_dir or os.environ.get("CARAVELA_DATA_STORE") or run_dir / "prepared"
+    data = [
+        *(Path(d.path).resolve().parent for d in cfg.datasets),
+        Path(cfg.eval.heldout).resolve().parent,
+        Path(prepared).resolve(),
+        *(Path(e.path).resolve() for e in cfg.envs),
+        Path(cfg.env_api.state_dir or run_dir / "env-api").resolve(),
+    ]
     return launcher.JobRequest(
         slurm=cfg.slurm,
-        run_dir=Path(cfg.output_dir).resolve(),
+        run_dir=run_dir,
         model=Path(cfg.model),
         env_stores=stores,
         engines_per_node=backend.engines_per_node,
         gpus_per_engine=backend.gpus_per_engine,
         ranks_per_node=cfg.trainer.ranks_per_node,
+        data=tuple(data),
     )
 
 

@@ -1,10 +1,18 @@
 """A real, local SLURM cluster on one machine, for tests and trying the launcher.
 
-``python -m slurm.local_cluster start DIR [--nodes N]`` / ``stop DIR``. Needs root and
-Debian's ``slurm-wlm`` + ``munge`` (installed with apt when missing). Runs without
-systemd: a private ``munged`` (its own key and socket under ``DIR/munge``), ``slurmctld``,
-and one ``slurmd -N nodeK`` per node, each with its own port (Debian builds slurmd with
-MULTIPLE_SLURMD), all on 127.0.0.1. Clients need ``SLURM_CONF=DIR/slurm.conf``.
+``python -m slurm.local_cluster start DIR [--nodes N] [--cpus C] [--gpus G]`` / ``stop
+DIR``. Needs root and Debian's ``slurm-wlm`` + ``munge`` (installed with apt when missing).
+Runs without systemd: a private ``munged`` (its own key and socket under ``DIR/munge``),
+``slurmctld``, and one ``slurmd -N nodeK`` per node, each with its own port (Debian builds
+slurmd with MULTIPLE_SLURMD), all on 127.0.0.1. Clients need ``SLURM_CONF=DIR/slurm.conf``.
+
+Steps are bound as on a real cluster: ``TaskPlugin=task/affinity`` pins each task to the
+CPUs its step was given (a ``-c 1`` step to one CPU), and each node can have ``G`` fake
+GPUs, typed GRES ``gpu:fake:G`` whose device files are links to ``/dev/null`` (slurmd wants
+character devices), so SLURM sets ``CUDA_VISIBLE_DEVICES`` per step as it would for real
+GPUs. (``task/cgroup`` also works on this machine's cgroup v1 mount, but its cgroups are
+named by node and job id only, ``slurm_node0/uid_0/job_1``, so two local clusters at once,
+e.g. two test runs, would share them.)
 
 Start it inside a loopback-only network namespace: job steps inherit it, so a Ray cluster
 a job starts stays on loopback. SLURM resolves names with ``AI_ADDRCONFIG``, which finds
@@ -41,7 +49,8 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={dir}/munge/munge.socket,cred_expire=10
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+GresTypes=gpu
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
@@ -125,8 +134,25 @@ def _start_munged(workdir: Path) -> None:
         )
 
 
-def start(workdir: Path, nodes: int = 2, cpus: int = 2, timeout_s: float = 60) -> dict[str, str]:
-    """Start munged, slurmctld and ``nodes`` slurmds; returns the env clients need."""
+def _fake_gpus(workdir: Path, nodes: int, gpus: int) -> None:
+    """``gres.conf``: ``gpus`` fake GPUs per node, device files linked to ``/dev/null``."""
+    lines = []
+    for k in range(nodes):
+        devices = workdir / "gpus" / f"node{k}"
+        devices.mkdir(parents=True, exist_ok=True)
+        for g in range(gpus):
+            link = devices / f"nvidia{g}"
+            if not link.is_symlink():
+                link.symlink_to("/dev/null")
+        lines.append(f"NodeName=node{k} Name=gpu Type=fake File={devices}/nvidia[0-{gpus - 1}]")
+    (workdir / "gres.conf").write_text("\n".join(lines) + "\n")
+
+
+def start(
+    workdir: Path, nodes: int = 2, cpus: int = 2, gpus: int = 0, timeout_s: float = 60
+) -> dict[str, str]:
+    """Start munged, slurmctld and ``nodes`` slurmds of ``cpus`` CPUs and ``gpus`` fake
+    GPUs each; returns the env clients need."""
     ensure_installed()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -134,11 +160,14 @@ def start(workdir: Path, nodes: int = 2, cpus: int = 2, timeout_s: float = 60) -
     (workdir / "state").mkdir(exist_ok=True)
     for k in range(nodes):
         (workdir / f"spool-node{k}").mkdir(exist_ok=True)
+    gres = f" Gres=gpu:fake:{gpus}" if gpus else ""
     lines = [
         f"NodeName=node{k} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} "
-        f"RealMemory=4000 State=UNKNOWN"
+        f"RealMemory=4000{gres} State=UNKNOWN"
         for k in range(nodes)
     ]
+    if gpus:
+        _fake_gpus(workdir, nodes, gpus)
     conf = workdir / "slurm.conf"
     conf.write_text(
         CONF.format(
@@ -272,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["start", "stop"])
     p.add_argument("workdir", type=Path)
     p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=2, help="CPUs per node")
+    p.add_argument("--gpus", type=int, default=0, help="fake GPUs per node (GRES gpu:fake)")
     args = p.parse_args(argv)
     if args.action == "start":
-        env = start(args.workdir, args.nodes)
+        env = start(args.workdir, args.nodes, args.cpus, args.gpus)
         print(f"export SLURM_CONF={env['SLURM_CONF']}")
     else:
         stop(args.workdir)

@@ -1,9 +1,14 @@
 """The rendered job on a real SLURM: Debian's slurm-wlm started by ``slurm.local_cluster``
 (munged, slurmctld and two slurmd "nodes" on this machine, inside the test's loopback-only
-network namespace). One sbatch job: the Ray cluster forms with an inference and a trainer
-node, steps run, USR1 to the batch shell makes a checkpoint and a requeue, the rerun
-(``SLURM_RESTART_COUNT`` 1) resumes at the saved step with no step lost or repeated, the run
-finishes, and the job's one output file shows all of it. Nothing is mocked.
+network namespace), with steps bound as on a cluster (``task/affinity``) and one GPU per
+node as typed GRES (a fake device: SLURM sets ``CUDA_VISIBLE_DEVICES`` for it, torch here
+has no CUDA). One sbatch job: each node's step gets the node's CPUs and its GPU, Ray starts
+on the address of the profile's interface (``lo``) with each node's own scratch, the Ray
+cluster forms with an inference and a trainer node advertising them, steps run, USR1 to the
+batch shell makes a checkpoint and a requeue, the rerun (``SLURM_RESTART_COUNT`` 1) resumes
+at the saved step with no step lost or repeated, the run finishes, Ray's logs of both runs
+are in the run directory, and the job's one output file shows all of it, every line of the
+script's with its time. Nothing is mocked but the GPU.
 
 Needs root and the slurm-wlm + munge packages (``.ci/run`` installs them); skipped otherwise.
 """
@@ -30,7 +35,9 @@ from slurm import local_cluster
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 16
+"""Enough that USR1, sent once two steps are done, lands mid-run: unloaded, a step takes
+0.3 s here, and with 8 the run once finished before the signal was handled."""
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "ip")
 
 
@@ -75,7 +82,7 @@ def local_slurm() -> Iterator[tuple[dict[str, str], Path]]:
     root = Path(tempfile.mkdtemp(prefix="cvl-", dir="/tmp"))
     root.chmod(0o755)
     try:
-        env = local_cluster.start(root / "slurm", nodes=2, cpus=2)
+        env = local_cluster.start(root / "slurm", nodes=2, cpus=2, gpus=1)
         yield {**os.environ, **env}, root
     finally:
         local_cluster.stop(root / "slurm")
@@ -110,7 +117,7 @@ class Job:
                 why = f"the job ended ({state and state.group(1)})" if ended else "timed out"
                 text = self.output() or "(no job output)"
                 pytest.fail(f"{why} waiting for {what}; job output:\n{text[-4000:]}")
-            time.sleep(1)
+            time.sleep(0.2)
 
 
 def lines(path: Path) -> list[dict]:
@@ -119,8 +126,11 @@ def lines(path: Path) -> list[dict]:
 
 def test_job_forms_cluster_checkpoints_on_usr1_requeues_and_resumes(local_slurm, tmp_path):
     env, root = local_slurm
-    profile = root / "profile.toml"  # the generic profile, with Ray's temp dirs under root
-    profile.write_text(f'name = "local"\ncpus_per_node = 2\nnode_tmp = "{root}"\n')
+    profile = root / "profile.toml"  # Ray's temp dirs under root; "$SLURM_JOB_ID" expands on
+    profile.write_text(  # each node
+        'name = "local"\ncpus_per_node = 2\ngpus_per_node = 1\nray_interface = "lo"\n'
+        f'node_tmp = "{root}/scratch-$SLURM_JOB_ID"\n'
+    )
     run_dir = tmp_path / "run"
     cfg = load_config(
         overrides=[
@@ -155,24 +165,44 @@ def test_job_forms_cluster_checkpoints_on_usr1_requeues_and_resumes(local_slurm,
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=env, check=True)
     job.wait_for("the checkpoint and the requeue", lambda: "requeueing" in job.output(), 240)
     job.wait_for("the rerun to finish", lambda: "caravela: run finished" in job.output(), 420)
+    ended = re.compile(r"JobState=(COMPLETED|COMPLETING|FAILED) ")  # after Ray's logs are copied
+    job.wait_for("the job to end", lambda: ended.search(job.show()) is not None, 60)
 
     text = job.output()
     # one output file for both runs (--open-mode=append), and the restart count went up
     assert f"caravela: job {job.id} restart 0 nodes node0 node1" in text
     assert f"caravela: job {job.id} restart 1 nodes node0 node1" in text
-    # both times every node joined, with both roles
-    assert text.count("caravela: Ray cluster up: 2 nodes (inference_node 1, trainer_node 1)") == 2
+    # both times every node's step got the node's CPUs and its GPU, Ray the interface's
+    # address and the node's scratch, and every node joined, with both roles
+    for i, role in enumerate(("inference_node", "trainer_node")):
+        node = (
+            rf"caravela: node {i} \(node{i}\): {role}, (\d+) CPUs \(affinity [0-9,-]+\), "
+            rf"GPUs \[0\], address 127\.0\.0\.1, Ray temp dir {root}/scratch-{job.id}/"
+            rf"ray-{job.id}-{i}\n"
+        )
+        found = re.findall(node, text)
+        assert len(found) == 2 and all(int(c) >= 2 for c in found), text[-4000:]
+    up = "caravela: Ray cluster up: 2 nodes (inference_node 1, trainer_node 1), CPU 2, GPU 1 each"
+    assert text.count(up) == 2, text[-4000:]
+    # the script's lines, Ray's and the run's carry their time; SLURM's own (slurmstepd) not
+    untimed = [x for x in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", x)]
+    assert all(x.startswith("slurmstepd") for x in untimed), untimed
     first, second = text.split(" restart 1 ", 1)
     saved = re.search(r"caravela: checkpoint step-(\d+); requeueing", first)
     assert "caravela: USR1: asking for a checkpoint" in first and saved, first[-3000:]
     step = int(saved.group(1))
     assert 2 <= step < STEPS  # USR1 came after two steps, well before the last one
     assert f"checkpoints/step-{step:06d} at step {step} " in second  # "resumed from ... at step"
+    assert f"caravela: resuming from checkpoint step-{step:06d}" in second
     assert "resumed from" in second and "caravela: run finished" in second
     assert "caravela: run finished" not in first
     # every step exactly once across the requeue: no gap, no repeat
     assert [r["step"] for r in lines(prompts)] == list(range(STEPS))
     assert [int(r["step"]) for r in lines(metrics)] == list(range(STEPS))
     assert json.loads((run_dir / "eval.json").read_text())["after"]["n"] == 8
+    for restart in (0, 1):  # Ray's session logs of each node, from both runs of the job
+        logs = run_dir / "ray-logs" / f"job-{job.id}-restart-{restart}"
+        for i in (0, 1):
+            assert (logs / f"node-{i}-node{i}" / "raylet.out").stat().st_size > 0, restart
     state = job.show()
     assert re.search(r"JobState=COMPLET(ED|ING) ", state) and "Restarts=1 " in state, state

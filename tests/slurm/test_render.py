@@ -1,9 +1,14 @@
 """``caravela slurm render``: every shipped profile renders a script bash accepts, with the
-directives a preemptible, requeueable job needs; bad requests fail before submission."""
+directives a preemptible, requeueable job needs and each item of the job as text (the
+script's behaviour: ``test_job_script.py``, and on a real SLURM ``test_local_slurm.py``);
+bad requests fail before submission."""
 
 import importlib.util
 import json
+import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +25,15 @@ JOB_BACKEND = "vllm" if importlib.util.find_spec("vllm") else "transformers"
 
 
 def config(tmp_path, *sets):
+    """A run config for a 3-node job; the account set (the shipped profiles leave it to fill
+    in)."""
     return load_config(
-        overrides=[f"output_dir='{tmp_path / 'run'}'", "slurm.nodes=3", *sets],
+        overrides=[f"output_dir='{tmp_path / 'run'}'", "slurm.nodes=3", ACCOUNT, *sets],
     )
+
+
+ACCOUNT = "slurm.account='bsc42'"
+TRAP = "SIGNAL=; trap 'SIGNAL=USR1' USR1; trap 'SIGNAL=TERM' TERM"
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
@@ -40,8 +51,10 @@ def test_every_profile_renders_a_valid_script(profile, tmp_path):
     ):
         assert directive in script, directive
     assert "RAY_AUTH_MODE=token" in script and "--dashboard-host=127.0.0.1" in script
-    assert "trap on_usr1 USR1" in script and "scontrol requeue" in script
-    assert "SLURM_RESTART_COUNT" in script and "--resume" in script
+    assert "scontrol requeue" in script and "--resume" in script
+    # the first command: a USR1 or TERM at any later moment is noted, never fatal
+    commands = [x for x in script.splitlines() if x.strip() and not x.startswith("#")]
+    assert commands[0] == TRAP
     assert resolved.cluster.mode == "ray"
     if profile == "mn5":
         assert "#SBATCH --gres=gpu:4" in script and "#SBATCH --partition=acc" in script
@@ -50,12 +63,170 @@ def test_every_profile_renders_a_valid_script(profile, tmp_path):
     if profile == "deucalion":
         assert resolved.trainer.gradient_checkpointing is True
     if profile == "generic":
-        assert "--gres" not in script and "--partition" not in script
+        assert "#SBATCH --gres" not in script and "--partition" not in script
 
 
 def test_roles_first_inference_nodes_then_trainers(tmp_path):
     script, _ = render(config(tmp_path, "slurm.nodes=4", "slurm.inference_nodes=2"))
-    assert 'if [ "$1" -lt 2 ]; then echo inference_node; else echo trainer_node; fi' in script
+    assert 'if [ "$i" -lt 2 ]; then role=inference_node; else role=trainer_node; fi' in script
+
+
+def _steps(script):
+    """The script's srun lines (continuations joined)."""
+    joined = script.replace("\\\n", " ")
+    lines = [re.sub(r"\s+", " ", x.strip()) for x in joined.splitlines()]
+    return [x for x in lines if re.match(r"(timeout \d+ )?srun ", x)]
+
+
+def test_each_ray_node_step_gets_the_nodes_cpus_unbound_and_its_gpus(tmp_path):
+    """MN5: one step per node asking for all 80 CPUs, not pinned (a step given fewer, under
+    task affinity, runs every Ray worker there while Ray advertises 80), and the node's 4
+    GPUs as GRES; Ray is told exactly those; the driver's step gets the CPUs too, sharing
+    the head node."""
+    script, _ = render(config(tmp_path, "slurm.profile='mn5'"))
+    ray, driver = (
+        [x for x in _steps(script) if "ray_node" in x],
+        [x for x in _steps(script) if " run " in x],
+    )
+    assert ray == [
+        'srun --nodes=1 --ntasks=1 -w "${NODES[$i]}" -c 80 --cpu-bind=none --mem=0 '
+        '--gres=gpu:4 --overlap --export=ALL bash -c \'ray_node "$@"\' ray_node "$i" '
+        '"$HEAD_ADDR:6379" &'
+    ]
+    assert driver[0].startswith(
+        'srun --nodes=1 --ntasks=1 -w "$HEAD" -c 80 --cpu-bind=none --overlap --export=ALL'
+    )
+    assert "--num-cpus=80 --num-gpus=4" in script
+    # each node step compares what SLURM bound with what Ray will advertise
+    assert 'if [ "${#gpus[@]}" -ne 4 ]; then' in script and 'if [ "$cpus" -lt 80 ]; then' in script
+    generic, _ = render(config(tmp_path, "slurm.profile='generic'"))
+    assert "--gres" not in " ".join(_steps(generic)) and "--num-cpus=2 --num-gpus=0" in generic
+    assert "-c 2 --cpu-bind=none --mem=0 --overlap --export=ALL bash" in " ".join(_steps(generic))
+
+
+def test_ray_uses_the_profiles_interface_looked_up_on_each_node(tmp_path):
+    script, _ = render(config(tmp_path, gpu_profile(tmp_path, ray_interface="ib0")))
+    assert "local iface=ib0 addr" in script
+    assert "ip=$(node_ip) || return 1" in script  # in ray_node: on each node
+    assert "if [ -n ib0 ]; then\n    HEAD_ADDR=$(node_ip)" in script  # the batch shell: the head
+    assert '${ip:+--node-ip-address="$ip"}' in script
+    plain, _ = render(config(tmp_path, "slurm.profile='generic'"))
+    assert "if [ -n '' ]; then" in plain and "NodeAddr=" in plain  # SLURM's address, Ray's pick
+
+
+def test_node_scratch_is_expanded_on_each_node(tmp_path, monkeypatch):
+    """MN5's ``$TMPDIR`` is written into the node-side function as it is: the step on each
+    node expands it, never the login node or node 0."""
+    monkeypatch.setenv("TMPDIR", "/login-node-tmp")
+    script, _ = render(config(tmp_path, "slurm.profile='mn5'"))
+    assert '    local dir="$TMPDIR"\n' in script and "/login-node-tmp" not in script
+    assert 'tmp="$tmp/ray-$SLURM_JOB_ID-$i"' in script  # inside ray_node
+    assert "node_tmp '\\$TMPDIR' is '$dir' here" in script  # the error shows the expression
+
+
+def test_ray_logs_copied_into_the_run_at_job_end(tmp_path):
+    script, _ = render(config(tmp_path))
+    assert 'dest="$RUN_DIR/ray-logs/job-$SLURM_JOB_ID-restart-${SLURM_RESTART_COUNT:-0}' in script
+    assert "session_latest/logs" in script and "trap finish EXIT" in script
+    # and before a requeue, which ends the job's steps
+    handler = script[script.index("checkpoint_and_requeue() {") :]
+    assert handler.index("copy_ray_logs") < handler.index("scontrol requeue")
+
+
+def test_every_line_gets_a_timestamp(tmp_path):
+    script, _ = render(config(tmp_path))
+    assert "exec 3>&1 > >(trap '' TERM USR1 INT" in script
+    assert "printf '%(%F %T)T %s\\n' -1 \"$line\"" in script
+    assert "export PYTHONUNBUFFERED=1" in script
+
+
+def test_resumes_whenever_a_checkpoint_exists(tmp_path):
+    script, _ = render(config(tmp_path))
+    assert 'if [ -f "$RUN_DIR/checkpoints/LATEST" ]; then\n    RESUME=(--resume)' in script
+    assert '"${SLURM_RESTART_COUNT:-0}" -gt 0' not in script  # not only on a requeue
+
+
+def test_apptainer_binds_the_jobs_paths_and_loads_modules_inside(tmp_path):
+    store, data = tmp_path / "store", tmp_path / "data"
+    store.mkdir()
+    data.mkdir()
+    (data / "train.jsonl").write_text("")
+    profile = tmp_path / "app.toml"
+    profile.write_text(
+        'name = "app"\ngpus_per_node = 4\napptainer_image = "/gpfs/img.sif"\n'
+        'modules = ["cuda/12.4"]\napptainer_modules = ["apptainer/1.3"]\n'
+        'apptainer_binds = ["/apps"]\nnode_tmp = "$TMPDIR"\n'
+    )
+    script, _ = render(
+        config(
+            tmp_path,
+            f"slurm.profile='{profile}'",
+            f"datasets=[{{path='{data / 'train.jsonl'}', env='arith'}}]",
+            f"envs=[{{name='arith', path='{ARITH_ENV}', "
+            f"isolation={{type='venv', store='{store}'}}}}]",
+        )
+    )
+    line = next(x for x in script.splitlines() if "apptainer exec" in x)
+    binds = line.split("--bind ")[1].split()[0].split(",")
+    for path in (tmp_path / "run", Path(sys.prefix), store, data):  # run, venv, store, data
+        assert any(path.is_relative_to(b) for b in binds), (path, binds)
+    model = load_config().model  # the tiny model (in the repository, bound as Caravela's code)
+    assert any(Path(model).resolve().is_relative_to(b) for b in binds) and "/apps" in binds
+    assert line.strip() == (
+        f'$how apptainer exec --nv --bind {",".join(binds)} --bind "$scratch" /gpfs/img.sif '
+        'bash -c \'module load cuda/12.4 && exec "$@"\' in-image "$@"'
+    )
+    assert "    scratch=$(node_scratch) || return 1" in script  # this node's, in its step
+    assert "module load apptainer/1.3 ||" in script  # on the host: what provides apptainer
+    assert "module load cuda/12.4 ||" not in script  # not on the host: inside the image
+    plain, _ = render(config(tmp_path, "slurm.profile='mn5'"))
+    assert "apptainer exec" not in plain and "module load cuda/12.4 ||" in plain
+
+
+def test_account_qos_partition_and_extra_options_from_the_run_config(tmp_path):
+    script, _ = render(
+        config(
+            tmp_path,
+            "slurm.profile='mn5'",
+            "slurm.qos='acc_bscls'",
+            "slurm.partition='acc2'",
+            "slurm.extra_sbatch=['--exclusive', '--mail-type=END']",
+        )
+    )
+    lines = [x for x in script.splitlines() if x.startswith("#SBATCH")]
+    assert lines[-6:] == [
+        "#SBATCH --partition=acc2",
+        "#SBATCH --account=bsc42",
+        "#SBATCH --qos=acc_bscls",
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --exclusive",
+        "#SBATCH --mail-type=END",
+    ]
+
+
+def test_a_change_me_left_in_is_an_error_naming_the_field(tmp_path, capsys):
+    cfg = load_config(overrides=[f"output_dir='{tmp_path / 'run'}'", "slurm.profile='mn5'"])
+    with pytest.raises(LaunchError, match=r"CHANGE_ME is still in profile 'mn5': account: put"):
+        render(cfg)
+    sets = [f"output_dir='{tmp_path / 'run'}'", "slurm.profile='mn5'", "slurm.qos='CHANGE_ME'"]
+    assert main(["slurm", "render", *(x for s in sets for x in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert "CHANGE_ME is still in profile 'mn5': account, slurm.qos: put" in err
+    assert "slurm.account" in err and not (tmp_path / "run" / "job.sbatch").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--nodes=4", "the job sets --nodes itself, from slurm.nodes"),
+        ("-c 8", "the job sets --c itself, from the profile's cpus_per_node"),
+        ("--signal=B:TERM@60", "the job sets --signal itself, from slurm.signal_seconds"),
+        ("exclusive", "is not an sbatch option"),
+    ],
+)
+def test_extra_options_the_job_sets_itself_are_refused(tmp_path, option, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config(tmp_path, f"slurm.extra_sbatch=['{option}']")
 
 
 @pytest.mark.parametrize(
@@ -125,7 +296,7 @@ def test_mn5_job_places_every_gpu(tmp_path):
     assert resolved.trainer.ranks_per_node == 4 and trainer_nodes == 16
     assert trainer_nodes * resolved.trainer.ranks_per_node == 64  # the trainer group's world
     assert resolved.rollout.max_staleness == 1
-    sets = [f"output_dir='{tmp_path / 'cli'}'", "slurm.profile='mn5'", "slurm.nodes=17"]
+    sets = [f"output_dir='{tmp_path / 'cli'}'", "slurm.profile='mn5'", "slurm.nodes=17", ACCOUNT]
     assert main(["slurm", "render", *(x for s in sets for x in ("--set", s))]) == 0
     job = load_config(tmp_path / "cli" / "config.json")  # what the job's `caravela run` loads
     assert job.trainer.ranks_per_node == 4 and job.rollout.max_staleness == 1
