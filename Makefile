@@ -1,4 +1,5 @@
 # Set-up and the two README commands. `make run` / `make test` create .venv when missing.
+# `make run RUN_ARGS=--overwrite` (or --resume) when runs/default holds a previous run.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 run: $(STAMP)
 	$(BIN)/caravela env build arith
 	$(BIN)/caravela data prepare
-	$(LOOPBACK) $(BIN)/caravela run
+	$(LOOPBACK) $(BIN)/caravela run $(RUN_ARGS)
 
 envs: $(STAMP)
 	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(BIN)/caravela env build

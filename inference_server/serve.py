@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="?",
         type=Path,
         default=TINY_MODEL,
-        help="HF-format model directory (default: the shipped tiny model)",
+        help="HF-format model directory (default: the shipped tiny model); `caravela serve` "
+        "also takes a run directory (its final/ model, else its latest checkpoint) or a "
+        "checkpoint (<run>/checkpoints/step-N), exported to a temporary directory",
     )
     p.add_argument(
         "--host",

@@ -32,11 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--address", help="join this Ray cluster (host:port) instead of a local one")
     run.add_argument("--token", type=Path, help="that cluster's Ray auth token file")
-    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its latest checkpoint",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the previous run in output_dir first (a run refuses it otherwise)",
+    )
     cfg = sub.add_parser("config", help="validate a config and print it fully resolved")
     _add_config_args(cfg)
-    ev = sub.add_parser("eval", help="greedy / pass@1 / pass@k of a model on held-out prompts")
+    ev = sub.add_parser(
+        "eval",
+        help="greedy / pass@1 / pass@k of `model` (a model, run or checkpoint dir), held out",
+    )
     _add_config_args(ev)
+    export = sub.add_parser(
+        "export", help="a run's checkpoint as an HF model dir (config, safetensors, tokenizer)"
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run (or checkpoint) dir")
+    export.add_argument("--step", type=int, help="the checkpoint of this step (default: latest)")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new HF model directory")
     data = sub.add_parser("data", help="pre-tokenize a run's datasets (on the login node)")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     prepare = data_sub.add_parser(
@@ -51,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     env_parser(sub.add_parser("env", help="build, list, test or try reward environments"))
     from inference_server.serve import add_arguments
 
-    add_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server on a model dir"))
+    add_arguments(
+        sub.add_parser(
+            "serve", help="OpenAI-compatible HTTP server on a model, run or checkpoint directory"
+        )
+    )
     from slurm.render import add_arguments as slurm_arguments
 
     slurm_arguments(sub.add_parser("slurm", help="render or submit the sbatch script of a run"))
@@ -61,13 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from inference_server.serve import serve
-
-        try:
-            return serve(args)
-        except FileNotFoundError as e:
-            print(f"caravela serve: {e}", file=sys.stderr)
-            return 2
+        return _serve(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "slurm":
         from orchestrator.launch import main as slurm_main
 
@@ -108,9 +127,56 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             evaluate_only(cfg)
         else:
-            run(cfg)
+            run(cfg, overwrite=args.overwrite)
     except (FileNotFoundError, NotImplementedError, ValueError, ClusterError) as e:
         print(f"caravela {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``caravela serve``: a run or checkpoint directory is exported to a temporary HF model
+    directory first (``orchestrator.export.served_model``)."""
+    import signal
+
+    from inference_server.serve import serve
+    from orchestrator.export import served_model
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn hands SIGTERM back to this handler once it has shut down: the exit then runs
+    # through served_model, which removes its temporary export (the default handler would not)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with served_model(args.model_dir) as model_dir:
+            name = args.name or args.model_dir.resolve().name
+            return serve(argparse.Namespace(**{**vars(args), "model_dir": model_dir, "name": name}))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"caravela serve: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the same, for Ctrl-C
+        return 130
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``caravela export RUN_DIR [--step N] OUT_DIR``."""
+    out = args.out_dir
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"caravela export: {out} exists and is not empty: name a new one", file=sys.stderr)
+        return 2
+    from orchestrator.export import export_checkpoint, find_checkpoint, is_checkpoint
+
+    try:
+        if is_checkpoint(args.run_dir):
+            if args.step is not None:
+                raise ValueError(f"{args.run_dir} is one checkpoint: --step applies to a run dir")
+            ckpt = args.run_dir
+        else:
+            ckpt = find_checkpoint(args.run_dir, args.step)
+        export_checkpoint(ckpt, out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"caravela export: {e}", file=sys.stderr)
         return 1
     return 0
 

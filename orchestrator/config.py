@@ -125,9 +125,9 @@ class CheckpointConfig(StrictModel):
     """When the run saves itself (atomically: write, then rename) for ``--resume``."""
 
     every_steps: int = Field(50, ge=0)
-    """Save every this many steps and after the last one (0: only on request). On request:
-    SIGUSR1 to the driver, or a file named ``CHECKPOINT`` in the run directory (the SLURM
-    launcher uses both)."""
+    """Save every this many steps (0: never in between); the last step is always saved, and
+    on request: SIGUSR1 to the driver, or a file named ``CHECKPOINT`` in the run directory
+    (the SLURM launcher uses both)."""
     keep: int = Field(2, ge=1)
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
 
@@ -227,7 +227,9 @@ class RunConfig(StrictModel):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     """Job layout for ``caravela slurm render|submit``."""
     resume: bool = False
-    """Continue from the run directory's latest checkpoint (``caravela run --resume``)."""
+    """Continue from the run directory's latest checkpoint (``caravela run --resume``).
+    Without it a run refuses a directory holding a previous run, unless ``caravela run
+    --overwrite`` (a flag, never a config value) deletes that run first."""
 
     @model_validator(mode="after")
     def _stale_tis_needs_cap(self) -> RunConfig:

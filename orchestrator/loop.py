@@ -24,10 +24,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from orchestrator import checkpoint
+from orchestrator import checkpoint, rundir
 from orchestrator.config import RunConfig
 from orchestrator.data import context_limit, required_fields
 from orchestrator.evaluate import EvalResult, describe, evaluate_heldout
+from orchestrator.export import FINAL, export_model, load_policy, served_model
 from orchestrator.live import LiveEnvs
 from orchestrator.parts import Parts, open_parts
 from orchestrator.prepare import PreparedStore
@@ -94,8 +95,8 @@ def train(
             metrics |= parts.metrics() | sampler.metrics()  # faults, errors, prompts too long
             # checkpoint, next rollout, record
             state.step = step + 1
-            every = cfg.checkpoint.every_steps
-            if (every and ((step + 1) % every == 0 or step + 1 == cfg.steps)) or asked.take():
+            every, asked_now = cfg.checkpoint.every_steps, asked.take()
+            if (every and (step + 1) % every == 0) or step + 1 == cfg.steps or asked_now:
                 save(cfg, parts, sampler, live, state, [p.id for p in inflight], record.log)
             if bound == 0 and step + 1 < cfg.steps:
                 pending = pool.submit(draw, sampler.sample(n))
@@ -149,7 +150,10 @@ def start(
     out_dir = Path(cfg.output_dir)
     ckpt = checkpoint.latest(out_dir)
     if ckpt is None:
-        raise ValueError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
+        raise ValueError(
+            f"--resume: no checkpoint in {out_dir / 'checkpoints'}, nothing to continue; start "
+            "afresh with --overwrite (deletes the previous run's files) or in another output_dir"
+        )
     state = checkpoint.load(ckpt)
     version = parts.trainers.load(ckpt)
     if version != state.version:
@@ -163,37 +167,6 @@ def start(
         parts.push(version)  # the engines start from the checkpoint's weights
     log(f"resumed from {ckpt} at step {state.step} (version {version})")
     return state
-
-
-def export_model(model: Any, tok: Any, path: Path) -> None:
-    """The trained weights as an HF model directory (config, safetensors, tokenizer), written
-    to a temporary directory and renamed into place: a crash leaves the previous one."""
-    import shutil
-
-    tmp = path.with_name(f"{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-
-
-def load_policy(cfg: RunConfig) -> tuple[Any, Any]:
-    """The driver's copy of the model (held-out evaluation) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (cfg.model / "config.json").exists():
-        raise FileNotFoundError(
-            f"model dir {cfg.model} has no config.json; point `model` at a "
-            "HF-format directory (hub ids are not supported offline)"
-        )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise here
-    tok = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.trainer.dtype))
-    return model, tok
 
 
 def prompt_stream(cfg: RunConfig, log: Log) -> Prefetcher:
@@ -238,11 +211,16 @@ def concrete_backend(cfg: RunConfig, log: Log = print) -> RunConfig:
     )
 
 
-def run(cfg: RunConfig, log: Log = print) -> RunSummary:
+def run(cfg: RunConfig, log: Log = print, overwrite: bool = False) -> RunSummary:
     """Evaluate, train ``cfg.steps`` steps, evaluate again (``cfg.resume``: continue from
-    the latest checkpoint with no prompt skipped or repeated)."""
-    cfg = concrete_backend(cfg, log)
+    the latest checkpoint with no prompt skipped or repeated). A directory holding a previous
+    run is refused unless resumed, or ``overwrite``: then that run is deleted first
+    (``orchestrator.rundir``). The last step is checkpointed and the trained model written
+    to ``<output_dir>/final/`` (HF format)."""
     out_dir = Path(cfg.output_dir)
+    reads = [cfg.model, cfg.eval.heldout, *(d.path for d in cfg.datasets)]
+    rundir.claim(out_dir, cfg.resume, overwrite, reads, log)
+    cfg = concrete_backend(cfg, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     model, tok = load_policy(cfg)
@@ -258,8 +236,8 @@ def run(cfg: RunConfig, log: Log = print) -> RunSummary:
         with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log) as record:
             train(cfg, parts, sampler, live, record, state, tok)
         model.load_state_dict(parts.trainers.state_dict(list(model.state_dict())))
-        export_model(model, tok, out_dir / "model")
-        log(f"trained model: {out_dir / 'model'} (HF format: caravela serve / eval take it)")
+        export_model(model, tok, out_dir / FINAL)
+        log(f"trained model: {out_dir / FINAL} (HF format: caravela serve / eval take it)")
         after = evaluate_heldout(cfg, model, tok, parts.scorer)
     log(describe("after ", after))
     write_report(out_dir, state.before, after, record.history)
@@ -267,10 +245,12 @@ def run(cfg: RunConfig, log: Log = print) -> RunSummary:
 
 
 def evaluate_only(cfg: RunConfig, log: Log = print) -> EvalResult:
-    """``caravela eval``: the held-out evaluation of ``cfg.model``, in this process."""
+    """``caravela eval``: the held-out evaluation of ``cfg.model`` (an HF model directory, a
+    run directory or a checkpoint: ``orchestrator.export.served_model``), in this process."""
     from reward_envs.scorer import LocalScorer
 
-    model, tok = load_policy(cfg)
+    with served_model(cfg.model, log) as model_dir:
+        model, tok = load_policy(cfg.model_copy(update={"model": model_dir}))
     scorer = LocalScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     try:
         result = evaluate_heldout(cfg, model, tok, scorer)

@@ -2,13 +2,15 @@
 the Ray dashboard's gauges (on Ray), and the terminal (a progress bar, or a line every 10
 steps when the output is not a terminal).
 
-A resumed run keeps the lines of the steps before its checkpoint and drops the rest, so
-every step appears exactly once in each file.
+A resumed run keeps the lines of the steps before its checkpoint and moves those of the
+steps it redoes to ``metrics.superseded.jsonl`` / ``prompts.superseded.jsonl`` (appended),
+so every step appears exactly once in each file and no line is lost.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,11 @@ from typing import Any
 from orchestrator.data import Prompt
 
 FILES = ("metrics.jsonl", "prompts.jsonl")
+
+
+def superseded(path: Path) -> Path:
+    """Where the lines of ``path`` (``metrics.jsonl``) that a resumed run redoes go."""
+    return path.with_name(path.name.replace(".jsonl", ".superseded.jsonl"))
 
 
 def progress_bar() -> Any:
@@ -58,10 +65,16 @@ class Recorder:
 
         self.out_dir, self.steps, self.log = Path(out_dir), steps, log
         self.history: list[dict[str, float]] = []
-        for name in FILES:  # the steps before ``start`` stay, later ones go
+        for name in FILES:  # the steps before ``start`` stay, later ones move aside
             path = self.out_dir / name
-            kept = path.read_text().splitlines()[:start] if start and path.exists() else []
-            path.write_text("".join(x + "\n" for x in kept))
+            lines = path.read_text().splitlines() if path.exists() else []
+            kept, redone = lines[:start], lines[start:]
+            if redone:
+                with open(superseded(path), "a") as f:
+                    f.writelines(x + "\n" for x in redone)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(x + "\n" for x in kept))
+                os.replace(tmp, path)
             if name == "metrics.jsonl":
                 self.history = [json.loads(x) for x in kept]
         self.board = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start)

@@ -22,7 +22,7 @@ to a model that draws random numbers while training (dropout); the models traine
 draw none.
 
 Checkpoints of earlier versions (one ``trainer.pt``, the whole state gathered on rank 0) are
-refused with a message, not converted.
+refused with a message, not converted; ``weights`` reads their model (``caravela export``).
 """
 
 from __future__ import annotations
@@ -137,10 +137,18 @@ def _rates_from_schedule(trainer: Trainer) -> None:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """The model's whole weights in the checkpoint ``path``, read in this process (no process
-    group needed, whatever number of ranks wrote it): for tests and benchmarks."""
+    group needed, whatever number of ranks wrote it): ``caravela export``, tests and
+    benchmarks. Also reads the whole-state ``trainer.pt`` of earlier versions (which
+    ``load`` refuses): its ``model`` entry, keyed like the model's own state dict."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    whole = Path(path) / "trainer.pt"
+    if not (Path(path) / SHARDS / ".metadata").exists() and whole.exists():
+        state = torch.load(whole, map_location="cpu", weights_only=True)
+        # under FSDP2 it was gathered from the policy wrapper, whose model is ``.model``
+        strip = "model." if state.get("sharding") == "fsdp2" else ""
+        return {k.removeprefix(strip): v for k, v in state["model"].items()}
     reader = FileSystemReader(Path(path) / SHARDS)
     meta = reader.read_metadata().state_dict_metadata
     model = {

@@ -38,6 +38,7 @@ def test_async_tis_run_checkpoints_on_request_and_records_everything(tmp_path, m
         f"cluster.mode={mode}",
         "steps=8",
         "checkpoint.every_steps=0",
+        "checkpoint.keep=3",
         "rollout.max_staleness=1",
         "rollout.stale=tis",
         "trainer.loss.tis_cap=2.0",
@@ -54,8 +55,9 @@ def test_async_tis_run_checkpoints_on_request_and_records_everything(tmp_path, m
     assert proc.returncode == 0, text[-3000:]
     assert not (out / "CHECKPOINT").exists()  # served once
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert saved[0] == "step-000001" and len(saved) == 2, saved
-    assert int(saved[1].removeprefix("step-")) >= 4  # the SIGUSR1 one, after step 3 or later
+    assert saved[0] == "step-000001" and len(saved) == 3, saved
+    assert 4 <= int(saved[1].removeprefix("step-")) < 8  # the SIGUSR1 one, after step 3
+    assert saved[2] == "step-000008"  # every run's last step
     driver = json.loads((out / "checkpoints" / saved[1] / "driver.json").read_text())
     assert len(driver["inflight"]) == 8  # async: the next step's prompts were in flight
     metrics = lines(out / "metrics.jsonl")
@@ -163,11 +165,11 @@ def test_the_last_step_is_checkpointed_and_the_model_exported_in_hf_format(tmp_p
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert saved == ["step-000002", "step-000003"]  # every 2 steps, and after the last one
     trained = checkpoint.weights(out / "checkpoints" / "step-000003")
-    exported = load_file(out / "model" / "model.safetensors")
+    exported = load_file(out / "final" / "model.safetensors")
     assert exported and all(torch.equal(t, trained[n]) for n, t in exported.items())
     # the export is a model directory a new run (or caravela serve / eval) starts from
     again = tmp_path / "again"
-    more = ["cluster.mode=local", "steps=1", f"model='{out / 'model'}'"]
+    more = ["cluster.mode=local", "steps=1", f"model='{out / 'final'}'"]
     done = subprocess.run(caravela(again, *more), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     before = json.loads((again / "eval.json").read_text())["before"]

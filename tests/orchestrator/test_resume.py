@@ -62,6 +62,10 @@ def test_kill_and_resume_skips_and_repeats_no_prompt(tmp_path, mode):
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert [s["step"] for s in steps(cut)] == list(range(6))  # each step exactly once
     assert steps(cut) == steps(ref)  # and the same prompts in each
+    # the killed run's lines of the steps the resumed one redid are kept aside, not dropped
+    aside = [json.loads(x) for x in (cut / "prompts.superseded.jsonl").read_text().splitlines()]
+    assert aside and aside == steps(ref)[2 : 2 + len(aside)]
+    assert len((cut / "metrics.superseded.jsonl").read_text().splitlines()) == len(aside)
     assert (
         json.loads((cut / "eval.json").read_text())["before"]
         == json.loads((ref / "eval.json").read_text())["before"]
