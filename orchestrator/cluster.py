@@ -3,11 +3,12 @@
 Two ways in:
 
 - ``start_local``: the embedded default. A private single-node cluster whose
-  token is generated per run into a 0600 file. Ray binds its ports on the
-  machine's routable address whatever it is told, so by default this refuses to
-  start unless the process sits in a loopback-only network namespace
-  (``make run`` puts it in one with ``unshare -n``); ``allow_network=True``
-  starts it anyway, still behind the token.
+  token is generated per run into a 0600 file, with every port (GCS, raylet, workers,
+  object manager, metrics, dashboard and its agents) on 127.0.0.1. By default it refuses
+  to start unless the process sits in a loopback-only network namespace (``make run``
+  puts it in one with ``unshare -n``); ``allow_network=True`` starts it anyway (a laptop:
+  the browser reaches the dashboard at 127.0.0.1), still only on loopback, still behind
+  the token.
 - ``connect``: join a cluster that is already up (the SLURM launcher's), with
   the token file the launcher wrote.
 
@@ -17,10 +18,9 @@ re-read Ray's config if Ray was imported before.
 The terminal shows Caravela's own lines only. What actors print (transformers' "Loading
 weights" bars, torch's c10d warnings, tracebacks) stays in Ray's session logs
 (``log_to_driver=False``), and so does what Ray's C++ core writes to this process's
-stderr while it starts (its "Failed to determine local IP" warning in a loopback-only
-namespace, where there is no route to probe). Both functions print once where those logs
-are. An actor's error still reaches the user: ``ray.get`` raises it, and Ray reports
-dead workers to the driver either way.
+stderr while it starts. Both functions print once where those logs are. An actor's error
+still reaches the user: ``ray.get`` raises it, and Ray reports dead workers to the driver
+either way.
 """
 
 from __future__ import annotations
@@ -111,6 +111,36 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
+LOOPBACK_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for single-machine nodes: set to 0, Ray takes 127.0.0.1 as the node's
+address (as it does on macOS and Windows) instead of rewriting 127.0.0.1 to the routable
+address, and its C++ servers (GCS, raylet, core workers) then listen on 127.0.0.1 only,
+as do its Python agents. Measured with Ray 2.60 in a namespace holding a routable
+address (tests/orchestrator/test_dashboard_loopback.py)."""
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Ray processes started meanwhile take 127.0.0.1 as this node's address and bind there.
+
+    Ray reads the switch into ``ray_constants`` when it is imported, so the cached value is
+    set too; both are put back afterwards (the Ray processes already started keep it in
+    their environment, and the driver then knows its node's address)."""
+    import ray._private.ray_constants as ray_constants
+
+    saved_env, saved = os.environ.get(LOOPBACK_NODE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_NODE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_NODE, None)
+        else:
+            os.environ[LOOPBACK_NODE] = saved_env
+
+
 def _session_logs(context: Any) -> Path:
     return Path(context.address_info["session_dir"]) / "logs"
 
@@ -126,24 +156,32 @@ def start_local(
     """Start a private local Ray cluster for this run; returns ``ray.init``'s context."""
     if not allow_network and not loopback_only():
         raise ClusterError(
-            "refusing to start a local Ray cluster with network interfaces present: Ray binds "
-            "its ports on the routable address. Run inside a loopback-only network namespace "
-            "(`unshare -n sh -c 'ip link set lo up && exec caravela run ...'`, as `make run` "
-            "does), or allow it explicitly (token auth stays on)"
+            "refusing to start a local Ray cluster with network interfaces present. Run "
+            "inside a loopback-only network namespace (`unshare -n sh -c 'ip link set lo up "
+            "&& exec caravela run ...'`, as `make run` does), or set cluster.allow_network = "
+            "true (every Ray port and the dashboard stay on 127.0.0.1, token auth stays on)"
         )
     run_dir = Path(run_dir)
-    enable_token_auth(write_token(run_dir / "ray-auth-token"))
+    token = write_token(run_dir / "ray-auth-token")
+    enable_token_auth(token)
     temp_dir = _temp_dir(run_dir)
-    return _init(
-        Path(temp_dir) / STARTUP_LOG,
-        log,
-        "",
-        num_cpus=num_cpus,
-        resources=resources,
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        _temp_dir=temp_dir,
-    )
+    with _loopback_node():
+        context = _init(
+            Path(temp_dir) / STARTUP_LOG,
+            log,
+            "",
+            num_cpus=num_cpus,
+            resources=resources,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _temp_dir=temp_dir,
+        )
+    if dashboard and context.dashboard_url:
+        log(
+            f"Ray dashboard: http://{context.dashboard_url} (on this machine; it asks for "
+            f"the token in {token.resolve()})"
+        )
+    return context
 
 
 def connect(address: str, token_path: Path, log: Callable[[str], Any] = print) -> Any:

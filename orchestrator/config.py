@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from common import paths
 from common.config import StrictModel
 from inference_server.config import InferenceConfig
+from orchestrator.trackers import LoggingConfig
 from reward_envs.config import EnvSpec, VenvIsolation
 from slurm.config import SlurmConfig
 from trainer.config import TrainerConfig
@@ -169,6 +170,17 @@ class EnvApiConfig(StrictModel):
     """Worker processes per pool of an env that joins (capped by its ``concurrency``)."""
     replicas: int = Field(1, ge=1)
     """Pool actors per env that joins, on the trainer nodes."""
+    store: Path | None = None
+    """Env store venv-isolated envs that register are built into (on the head node); None =
+    the store of the run's own venv envs (their ``isolation.store``, else
+    ``$CARAVELA_ENV_STORE`` or ``~/.cache/caravela/envs``)."""
+    wheelhouse: Path | None = None
+    """Wheel directory they are built from, offline with no package index (the head node
+    has no internet); None = the wheelhouse of the run's own venv envs, if one has one."""
+    offline: bool = False
+    """Build them without network access even with no wheelhouse (uv cache only); also on
+    when a wheelhouse is used or the run's own venv envs are offline. An env that cannot be
+    built offline ends ``failed`` with the reason (API, run log, ``live_envs_failed``)."""
 
 
 class EvalConfig(StrictModel):
@@ -224,6 +236,8 @@ class RunConfig(StrictModel):
     """Checkpoints and ``--resume``."""
     env_api: EnvApiConfig = Field(default_factory=EnvApiConfig)
     """Live env registration during the run."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Experiment trackers (TensorBoard, W&B, MLflow)."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     """Job layout for ``caravela slurm render|submit``."""
     resume: bool = False

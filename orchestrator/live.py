@@ -8,6 +8,11 @@ trainer nodes and its dataset is drawn from with its weight. Deleting it drains 
 new prompt of it is drawn, the prompts already drawn are generated, scored and trained
 on as usual, and then its pool actors stop. No restart either way.
 
+Venv-isolated envs are built on the head node into the run's env store, offline from its
+wheelhouse when it has one (``live_builds``): the head node has no internet. One that cannot
+be built so ends ``failed``, with the reason in its API record, the run's log and the
+``live_envs_failed`` metric.
+
 ``sync`` runs at the one point of a step where no rollout is in flight (the step's
 rollout is scored, the next one not yet drawn), so a leaving env has nothing left to
 score when its pools stop. The joined envs are part of the driver's checkpoint; a
@@ -23,8 +28,23 @@ from typing import Any
 
 from orchestrator.config import DatasetSpec, RunConfig
 from orchestrator.protocol import LiveEnv
-from reward_envs.config import EnvSpec
+from reward_envs.builder import default_store
+from reward_envs.config import EnvSpec, VenvIsolation
 from reward_envs.manifest import load_manifest
+
+
+def live_builds(cfg: RunConfig) -> VenvIsolation:
+    """How the run builds venv-isolated envs that register: ``env_api.store``,
+    ``wheelhouse`` and ``offline`` where set, else those of the run's own venv envs. The store
+    is resolved here, on the head node, so every part of the run uses the same one."""
+    api = cfg.env_api
+    own = [i for i in (e.resolved_isolation() for e in cfg.envs) if isinstance(i, VenvIsolation)]
+    wheelhouse = api.wheelhouse or next((v.wheelhouse for v in own if v.wheelhouse), None)
+    return VenvIsolation(
+        store=api.store or next((v.store for v in own if v.store), None) or default_store(),
+        wheelhouse=wheelhouse,
+        offline=api.offline or wheelhouse is not None or any(v.offline for v in own),
+    )
 
 
 class LiveEnvs:
@@ -39,7 +59,15 @@ class LiveEnvs:
         api = cfg.env_api
         self.cfg, self.scorer, self.sampler, self.log = cfg, scorer, sampler, log
         self.state_dir = api.state_dir or Path(cfg.output_dir) / "env-api"
-        app = create_app(ApiSettings(state_dir=self.state_dir))
+        self.venv = live_builds(cfg)
+        app = create_app(
+            ApiSettings(
+                state_dir=self.state_dir,
+                store=self.venv.store,
+                offline=self.venv.offline,
+                wheelhouse=self.venv.wheelhouse,
+            )
+        )
         self.registry = app.state.registry
         self.server = uvicorn.Server(
             uvicorn.Config(app, host=api.host, port=api.port, log_level="warning")
@@ -58,16 +86,22 @@ class LiveEnvs:
         """Env name -> what joined: registration id, env dir, isolation, dataset, weight."""
         self.refused: dict[str, str] = {}
         """Env name -> registration id that could not join (not retried until replaced)."""
+        self.not_admitted: dict[str, str] = {}
+        """Env name -> registration id whose failed build or canary was reported."""
+        how = "offline" if self.venv.offline else "with network"
+        if self.venv.wheelhouse:
+            how = f"from the wheelhouse {self.venv.wheelhouse}, no index"
         log(
             f"env API on http://{api.host}:{api.port} (bearer token in "
-            f"{self.state_dir / 'api-token'}): envs registered with a mixture join this run"
+            f"{self.state_dir / 'api-token'}): envs registered with a mixture join this run "
+            f"(venvs built into {self.venv.store}, {how})"
         )
 
     def sync(self, step: int) -> dict[str, float]:
         """Apply registrations and deletions made since the last step; returns metrics."""
         records = {r.name: r for r in self.registry.records()}
         fixed = {e.name for e in self.cfg.envs}
-        left = joined = 0
+        left = joined = failed = 0
         for name, j in list(self.joined.items()):
             rec = records.get(name)
             if rec is None or rec.registration != j.registration:
@@ -75,6 +109,13 @@ class LiveEnvs:
                 left += 1
                 self.log(f"step {step}: env {name!r} left the mixture (drained)")
         for name, rec in records.items():
+            if rec.status in ("failed", "rejected") and self.not_admitted.get(name) != (
+                rec.registration
+            ):
+                self.not_admitted[name] = rec.registration
+                failed += 1
+                self.log(f"step {step}: env {name!r} was not admitted ({rec.status}): {rec.error}")
+                continue
             if (
                 rec.status != "ready"
                 or rec.mixture is None
@@ -107,15 +148,17 @@ class LiveEnvs:
             "live_envs": float(len(self.joined)),
             "live_envs_joined": float(joined),
             "live_envs_left": float(left),
+            "live_envs_failed": float(failed),
         }
 
     def _join(self, name: str, entry: LiveEnv) -> None:
         api = self.cfg.env_api
+        isolation = self.venv if entry.isolation == "venv" else {"type": entry.isolation}
         spec = EnvSpec.model_validate(
             {
                 "name": name,
                 "path": entry.path,
-                "isolation": {"type": entry.isolation},
+                "isolation": isolation,
                 "workers": api.workers,
                 "replicas": api.replicas,
             }

@@ -233,7 +233,7 @@ def run(cfg: RunConfig, log: Log = print, overwrite: bool = False) -> RunSummary
             stack.callback(live.close)
         state = start(cfg, parts, sampler, live, model, tok, log)
         log(describe("before", state.before))
-        with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log) as record:
+        with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log, cfg) as record:
             train(cfg, parts, sampler, live, record, state, tok)
         model.load_state_dict(parts.trainers.state_dict(list(model.state_dict())))
         export_model(model, tok, out_dir / FINAL)

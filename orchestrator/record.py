@@ -1,5 +1,6 @@
-"""Where a run's steps are written down: ``metrics.jsonl``, ``prompts.jsonl``, TensorBoard,
-the Ray dashboard's gauges (on Ray), and the terminal (a progress bar, or a line every 10
+"""Where a run's steps are written down: ``metrics.jsonl``, ``prompts.jsonl``, the trackers
+of ``logging.trackers`` (TensorBoard, W&B, MLflow: ``orchestrator.trackers``), the Ray
+dashboard's gauges (on Ray), and the terminal (a progress bar, or a line every 10
 steps when the output is not a terminal).
 
 A resumed run keeps the lines of the steps before its checkpoint and moves those of the
@@ -17,7 +18,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from orchestrator.config import RunConfig
 from orchestrator.data import Prompt
+from orchestrator.trackers import LoggingConfig, open_trackers
 
 FILES = ("metrics.jsonl", "prompts.jsonl")
 
@@ -60,9 +63,8 @@ class Recorder:
         steps: int,
         on_ray: bool,
         log: Callable[[str], Any] = print,
+        config: RunConfig | None = None,
     ) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.out_dir, self.steps, self.log = Path(out_dir), steps, log
         self.history: list[dict[str, float]] = []
         for name in FILES:  # the steps before ``start`` stay, later ones move aside
@@ -77,7 +79,10 @@ class Recorder:
                 os.replace(tmp, path)
             if name == "metrics.jsonl":
                 self.history = [json.loads(x) for x in kept]
-        self.board = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start)
+        # TensorBoard, W&B, MLflow: as ``logging.trackers`` says (default: TensorBoard)
+        logging = config.logging if config is not None else LoggingConfig()
+        params = config.model_dump(mode="json") if config is not None else {}
+        self.trackers = open_trackers(logging, self.out_dir, start, params)
         self.gauges: Any = None
         if on_ray:  # the same metrics on the Ray dashboard / Prometheus
             from orchestrator.monitor import RunMetrics
@@ -98,13 +103,14 @@ class Recorder:
         self.bar.__exit__(kind, exc, tb)
         self.metrics_file.close()
         self.prompts_file.close()
-        self.board.close()
+        for tracker in self.trackers:
+            tracker.close(failed=kind is not None)
 
     def step(self, step: int, prompts: list[Prompt], metrics: dict[str, float]) -> None:
         """One finished step: ``metrics`` and the ids of every prompt it used."""
         self.history.append(metrics)
-        for key, value in metrics.items():
-            self.board.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
         if self.gauges is not None:
             self.gauges.record(metrics)
         self.metrics_file.write(json.dumps(metrics) + "\n")

@@ -149,14 +149,14 @@ def _uv() -> str:
     return str(find_uv_bin())
 
 
-def _run(cmd: list[str], manifest: Manifest, what: str) -> None:
+def _run(cmd: list[str], manifest: Manifest, what: str, hint: str = "") -> None:
     env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         err = proc.stderr.strip()
         named = [r for r in manifest.requirements if _req_name(r) in err.lower()]
         culprit = f" (failing: {', '.join(named)})" if named else ""
-        raise EnvBuildError(f"env {manifest.name!r}: {what} failed{culprit}.\n{err[-3000:]}")
+        raise EnvBuildError(f"env {manifest.name!r}: {what} failed{culprit}.{hint}\n{err[-3000:]}")
 
 
 def _req_name(requirement: str) -> str:
@@ -221,11 +221,20 @@ def _build_into(
         reqs = ["-r", str(env_dir / manifest.lock)]
     if reqs:
         cmd = [uv, "pip", "install", "--python", python, *reqs]
+        what, hint = f"installing {' '.join(manifest.requirements or reqs)}", ""
         if offline or wheelhouse:
             cmd.append("--offline")
         if wheelhouse:
             cmd += ["--no-index", "--find-links", str(wheelhouse)]
-        _run(cmd, manifest, f"installing {' '.join(manifest.requirements or reqs)}")
+            what += f" offline from the wheelhouse {wheelhouse} (no package index)"
+            hint = (
+                f" Add the missing wheels to {wheelhouse} on a machine with internet "
+                f"(`pip download -d {wheelhouse} <requirement>`), or build the env there "
+                "(`caravela env build`)."
+            )
+        elif offline:
+            what += " offline (uv cache only)"
+        _run(cmd, manifest, what, hint)
     shutil.copytree(env_dir, tmp / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     install_shim(next((tmp / "venv" / "lib").glob("python3*/site-packages")))
 

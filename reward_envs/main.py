@@ -4,7 +4,8 @@
     caravela env list  [--store DIR]
     caravela env test  ENV [--isolation process|venv]
     caravela env score ENV --input items.jsonl [--workers K] [--timeout S]
-    caravela env serve [--state-dir DIR] [--host 127.0.0.1] [--port 8100]
+    caravela env serve [--state-dir DIR] [--store DIR] [--offline] [--wheelhouse DIR]
+                       [--host 127.0.0.1] [--port 8100]
 
 ENV is a built-in env's name (``arith``, ``math``, ``gsm8k``, ``format``, ``code``) or a
 directory holding ``caravela-env.toml``. ``build`` with no ENV builds every
@@ -64,6 +65,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     api = sub.add_parser("serve", help="the env registration REST API (bearer-token auth)")
     api.add_argument("--state-dir", type=Path, default=Path("env-api"), help="registry + token")
     api.add_argument("--store", type=Path, help="env store (default $CARAVELA_ENV_STORE)")
+    api.add_argument("--offline", action="store_true", help="build venvs with no network")
+    api.add_argument("--wheelhouse", type=Path, help="build venvs only from this wheel dir")
     api.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     api.add_argument("--port", type=int, default=8100)
     return parser
@@ -161,7 +164,14 @@ def _score(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from reward_envs.api.server import serve
 
-    serve(args.host, args.port, args.state_dir, store=args.store)
+    serve(
+        args.host,
+        args.port,
+        args.state_dir,
+        store=args.store,
+        offline=args.offline,
+        wheelhouse=args.wheelhouse,
+    )
     return 0
 
 

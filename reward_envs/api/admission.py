@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reward_envs.builder import BuiltEnv, find_built, prepare, process_env
+from reward_envs.config import VenvIsolation
 from reward_envs.manifest import Manifest, load_manifest
 from reward_envs.pool import EnvPool
 
@@ -20,9 +21,10 @@ class Gone(RuntimeError):
     """What a ready env ran on no longer exists (or changed); it must be registered again."""
 
 
-def build(env_dir: Path, isolation: str, store: Path | None) -> tuple[Manifest, BuiltEnv]:
-    """Build (venv: into ``store``) or locate (process) the env; the manifest it runs with."""
-    built = prepare(env_dir, isolation, store)
+def build(env_dir: Path, isolation: str, venv: VenvIsolation) -> tuple[Manifest, BuiltEnv]:
+    """Build (venv: into ``venv.store``, offline from ``venv.wheelhouse`` when set) or locate
+    (process) the env; the manifest it runs with."""
+    built = prepare(env_dir, venv if isolation == "venv" else isolation, venv.store)
     return load_manifest(Path(built.src)), built
 
 

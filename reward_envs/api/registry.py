@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from reward_envs.builder import BuiltEnv, EnvBuildError, default_store
+from reward_envs.config import VenvIsolation
 from reward_envs.manifest import Manifest, load_manifest
 from reward_envs.pool import EnvStartError
 from reward_envs.protocol import Item, RewardResult
@@ -57,6 +58,10 @@ class Registry:
     def __init__(self, settings: ApiSettings, metrics: ApiMetrics) -> None:
         self.settings = settings
         self.store = settings.store or default_store()
+        self.venv = VenvIsolation(
+            store=self.store, offline=settings.offline, wheelhouse=settings.wheelhouse
+        )
+        """How venv-isolated envs are built: into ``store``, offline when configured."""
         self.metrics = metrics
         self._lock = threading.Lock()
         self._records: dict[str, EnvRecord] = {}
@@ -265,7 +270,7 @@ class Registry:
             why = "the manifest has no [[examples]]: the admission canary has nothing to check"
             return {"status": "rejected", "error": why}, None
         try:
-            manifest, built = admission.build(Path(rec.path), rec.isolation, self.store)
+            manifest, built = admission.build(Path(rec.path), rec.isolation, self.venv)
         except EnvBuildError as e:
             return {"status": "failed", "error": str(e)}, None
         found = {"build_hash": built.build_hash, "version": manifest.version}

@@ -14,7 +14,8 @@ from pathlib import Path
 def serve(
     host: str = "127.0.0.1", port: int = 8000, state_dir: Path = Path("env-api"), **settings: object
 ) -> None:
-    """Serve until interrupted; ``settings`` are further ``ApiSettings`` fields (``store``)."""
+    """Serve until interrupted; ``settings`` are further ``ApiSettings`` fields (``store``,
+    ``offline``, ``wheelhouse``)."""
     import uvicorn
 
     from .main import create_app
@@ -30,10 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caravela-env-api", description=__doc__)
     p.add_argument("--state-dir", type=Path, required=True, help="registry, token, inline envs")
     p.add_argument("--store", type=Path, help="env build store (default $CARAVELA_ENV_STORE)")
+    p.add_argument("--offline", action="store_true", help="build venvs with no network")
+    p.add_argument("--wheelhouse", type=Path, help="build venvs only from this wheel directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args(argv)
-    serve(args.host, args.port, args.state_dir, store=args.store)
+    serve(
+        args.host,
+        args.port,
+        args.state_dir,
+        store=args.store,
+        offline=args.offline,
+        wheelhouse=args.wheelhouse,
+    )
     return 0
 
 

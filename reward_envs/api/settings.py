@@ -17,6 +17,12 @@ class ApiSettings(StrictModel):
     store: Path | None = None
     """Env build store for venv isolation; None = ``$CARAVELA_ENV_STORE`` or
     ``~/.cache/caravela/envs`` (``reward_envs.builder.default_store``)."""
+    offline: bool = False
+    """Build venvs without network access (uv ``--offline``): from the uv cache or
+    ``wheelhouse``. A build that needs anything else fails, with the reason."""
+    wheelhouse: Path | None = None
+    """Directory of wheels venvs are built from with no package index (``--no-index
+    --find-links``; implies ``offline``): how an air-gapped head node builds."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get 413."""
     pool_workers: int = Field(2, ge=1, le=64)
