@@ -33,6 +33,37 @@ def _group(world: int) -> list[TransferGroup]:
     return members  # type: ignore[return-value]
 
 
+class Sender:
+    """Rank 0 of a weight-push group whose only receiver is ``engine`` (joined here), pushing
+    to it as the run does: the broadcast on a thread while the engine receives."""
+
+    def __init__(self, engine, timeout_s: float = 120) -> None:
+        port, opened = _port(), []
+        opener = threading.Thread(
+            target=lambda: opened.append(
+                TransferGroup("127.0.0.1", port, 0, 2, timeout_s=timeout_s)
+            )
+        )
+        opener.start()
+        engine.join_transfer("127.0.0.1", port, 1, 2)
+        opener.join()
+        self.group, self.engine, self.timeout_s = opened[0], engine, timeout_s
+
+    def push(self, version, tensors, meta, bucket_bytes):
+        """The engine's metrics; asserts the sender returned whatever the engine did."""
+
+        def send() -> None:
+            self.group.send(named(tensors, meta), meta, bucket_bytes)
+
+        done = threading.Thread(target=send)
+        done.start()
+        try:
+            return self.engine.receive_weights(version, meta, bucket_bytes)
+        finally:
+            done.join(timeout=self.timeout_s)
+            assert not done.is_alive(), "the sender waited on a receiver"
+
+
 def test_buckets_follow_the_byte_budget_and_never_split_a_tensor():
     meta = [
         TensorMeta("a", "float32", (4,)),  # 16 B
@@ -88,27 +119,13 @@ def test_a_transformers_engine_receives_refuses_and_the_sender_never_waits():
     from inference_server.weights import WeightUpdateError
 
     engine = DirTransformersEngine(TINY_MODEL)
-    port = _port()
-    opened: list[TransferGroup] = []
-    opener = threading.Thread(
-        target=lambda: opened.append(TransferGroup("127.0.0.1", port, 0, 2, timeout_s=60))
-    )
-    opener.start()
-    engine.join_transfer("127.0.0.1", port, 1, 2)
-    opener.join()
-    sender = opened[0]
+    sender = Sender(engine, timeout_s=60)
     served = sorted(engine.shapes)
     state = {n: t.clone() + 0.01 for n, t in engine.model.state_dict().items() if n in served}
     meta = state_meta(state.items())
 
     def push(version, tensors, meta=meta):
-        done = threading.Thread(target=lambda: sender.send(named(tensors, meta), meta, 1 << 12))
-        done.start()
-        try:
-            return engine.receive_weights(version, meta, 1 << 12)
-        finally:
-            done.join(timeout=60)
-            assert not done.is_alive(), "the sender waited on a receiver"
+        return sender.push(version, tensors, meta, 1 << 12)
 
     metrics = push(1, state)
     assert engine.version == 1 and metrics["weight_sync/buckets"] > 1

@@ -244,38 +244,20 @@ def test_collective_push_through_vllms_weight_transfer_api(engine, hf):
     receive what rank 0 broadcasts, the probe then matches the new weights; refused pushes
     (a stale version, non-finite values) are received whole and dropped, so the sender always
     returns, and the engine keeps serving what it served."""
-    import socket
-    import threading
-
     from common.logprobs import sequence_logprobs
-    from common.transfer import TransferGroup, named, state_meta
+    from common.transfer import state_meta
     from inference_server.vllm_backend import WeightUpdateError
+    from tests.common.test_transfer import Sender
 
     model, tok = hf
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    opened: list[TransferGroup] = []
-    opener = threading.Thread(
-        target=lambda: opened.append(TransferGroup("127.0.0.1", port, 0, 2, timeout_s=120))
-    )
-    opener.start()
-    engine.join_transfer("127.0.0.1", port, 1, 2)
-    opener.join()
-    sender = opened[0]
+    sender = Sender(engine)
     probe = [ids(tok, "Q: 50+98-54 A: 50+98=148, 148-54=94. The answer is 94.")]
     new_model = perturbed(model, scale=0.05, seed=11)
     state = engine_state(new_model)
     meta = state_meta(state.items())
 
     def push(version, tensors):
-        done = threading.Thread(target=lambda: sender.send(named(tensors, meta), meta, 1 << 16))
-        done.start()
-        try:
-            return engine.receive_weights(version, meta, 1 << 16)
-        finally:
-            done.join(timeout=120)
-            assert not done.is_alive(), "the sender waited on a worker"
+        return sender.push(version, tensors, meta, 1 << 16)
 
     v = engine.version + 1
     metrics = push(v, state)
