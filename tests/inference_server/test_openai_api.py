@@ -93,7 +93,8 @@ def test_unknown_model_is_404(server):
 
 def test_serve_refuses_a_missing_model_dir(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--backend", "transformers"]) == 2
-    assert "is not a HF model directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a model: give an HF model directory" in err and "a run directory" in err
 
 
 def test_caravela_inference_entry_point_serves_the_model(tmp_path):
