@@ -140,20 +140,15 @@ def start(
     tok: Any,
     log: Log,
 ) -> DriverState:
-    """A fresh start (evaluate first) or, with ``cfg.resume``, the latest checkpoint: the
+    """A fresh start (evaluate first) or, with ``cfg.resume``, the latest checkpoint (if there
+    is none yet, a fresh start again): the
     trainer's weights and optimizer, the envs that had joined, the prompt stream (prompts
     that were in flight come first), and the engines serving the checkpoint's weights."""
-    if not cfg.resume:
+    ckpt = checkpoint.latest(Path(cfg.output_dir)) if cfg.resume else None
+    if ckpt is None:  # a fresh start, or a resume before any checkpoint was written
         before = evaluate_heldout(cfg, model, tok, parts.scorer)
         sampled = SamplerState.model_validate(sampler.state())
         return DriverState(step=0, version=0, sampler=sampled, before=before)
-    out_dir = Path(cfg.output_dir)
-    ckpt = checkpoint.latest(out_dir)
-    if ckpt is None:
-        raise ValueError(
-            f"--resume: no checkpoint in {out_dir / 'checkpoints'}, nothing to continue; start "
-            "afresh with --overwrite (deletes the previous run's files) or in another output_dir"
-        )
     state = checkpoint.load(ckpt)
     version = parts.trainers.load(ckpt)
     if version != state.version:

@@ -61,20 +61,18 @@ def claim(
     """Make ``run_dir`` ready for a run: a fresh start refuses a directory with a previous
     run in it unless ``overwrite``, which deletes that run (``RESULTS`` and ``LOGS``), never
     what the new run ``reads`` (its model, datasets); a resumed run continues what is
-    there."""
+    there: from its latest checkpoint, or from step 0 while it has none (a job stopped
+    before its first checkpoint), the earlier lines kept aside."""
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise RunDirError("--resume continues the previous run, --overwrite deletes it: pick one")
     found = previous_run(run_dir)
     if resume and checkpoint.latest(run_dir) is None:
-        raise RunDirError(
-            f"--resume: no checkpoint in {run_dir / 'checkpoints'}, nothing to continue; "
-            + (
-                "start afresh with --overwrite (deletes the previous run's files) or in another "
-                "output_dir"
-                if found
-                else "start without --resume"
-            )
+        # stopped before its first checkpoint (a preempted or requeued job), or never run:
+        # the run starts at step 0; the lines an earlier try wrote move aside (``record``)
+        log(
+            f"--resume: no checkpoint in {run_dir / 'checkpoints'} yet: the run starts at step 0"
+            + (f"; what an earlier try left ({', '.join(found)}) stays" if found else "")
         )
     if resume or not found:
         return

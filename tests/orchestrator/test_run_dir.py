@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.loop import run
 from orchestrator.record import Recorder
 from orchestrator.rundir import RESULTS, RunDirError, claim
 
@@ -97,14 +95,38 @@ def test_overwrite_refuses_to_delete_what_the_next_run_reads(tmp_path):
     assert contents(tmp_path) == files
 
 
-def test_resume_without_a_checkpoint_is_refused_before_anything_starts(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
-    cfg = load_config(overrides=[f"output_dir='{tmp_path}'", "resume=true"])
-    with pytest.raises(RunDirError, match="no checkpoint.*--overwrite"):
-        run(cfg, log=lambda *_: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+def test_resume_before_any_checkpoint_starts_at_step_0_keeping_the_earlier_lines(tmp_path):
+    """A job stopped before its first checkpoint leaves lines and no checkpoint; the SLURM job
+    always passes --resume, so its next try must start at step 0, not be refused, and keep
+    what the earlier try wrote (aside)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "earlier": 1}\n')
+    (out / "prompts.jsonl").write_text('{"step": 0, "prompts": ["x"]}\n')
+    sets = [
+        "cluster.mode=local",
+        "steps=2",
+        "checkpoint.every_steps=0",
+        "rollout.prompts_per_step=4",
+        "eval.num_prompts=4",
+        "eval.k=1",
+        f"output_dir='{out}'",
+    ]
+    done = subprocess.run(
+        [CARAVELA, "run", "--resume", *(x for s in sets for x in ("--set", s))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no checkpoint in" in done.stdout and "the run starts at step 0" in done.stdout
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [0, 1] and "earlier" not in steps[0]
+    aside = (out / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in aside] == [{"step": 0, "earlier": 1}]
+    assert (out / "prompts.superseded.jsonl").read_text() == '{"step": 0, "prompts": ["x"]}\n'
     with pytest.raises(RunDirError, match="--resume continues.*--overwrite deletes"):
-        claim(tmp_path, resume=True, overwrite=True)
+        claim(out, resume=True, overwrite=True)
 
 
 def test_a_resumed_recorder_moves_the_lines_of_redone_steps_aside(tmp_path):

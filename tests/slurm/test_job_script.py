@@ -242,7 +242,7 @@ def test_a_run_leaves_every_line_timestamped_and_each_nodes_ray_logs(start):
     assert (logs / "node-0-node0" / "raylet.out").read_text() == "raylet of node0\n"
     assert (logs / "node-1-node1" / "raylet.out").read_text() == "raylet of node1\n"
     assert f"caravela: Ray logs in {logs}" in text
-    assert "--resume" not in text  # no checkpoint: a fresh start
+    assert "caravela: no checkpoint yet: the run starts at step 0" in text
 
 
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])

@@ -142,7 +142,7 @@ def test_every_line_gets_a_timestamp(tmp_path):
 
 def test_resumes_whenever_a_checkpoint_exists(tmp_path):
     script, _ = render(config(tmp_path))
-    assert 'if [ -f "$RUN_DIR/checkpoints/LATEST" ]; then\n    RESUME=(--resume)' in script
+    assert 'RESUME=(--resume)\nif [ -f "$RUN_DIR/checkpoints/LATEST" ]; then' in script
     assert '"${SLURM_RESTART_COUNT:-0}" -gt 0' not in script  # not only on a requeue
 
 
