@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from orchestrator import rundir
 from orchestrator.config import ConfigError, RunConfig, load_config
 from reward_envs.builder import default_store
 from slurm import render as launcher
@@ -120,6 +121,9 @@ def main(args: argparse.Namespace) -> int:
         if args.slurm_command == "render" and args.dry_run:
             print(render(cfg)[0])
             return 0
+        # the job always resumes what its run directory holds: a new run must not land on
+        # an old one unless asked (the same rule as ``caravela run``)
+        rundir.claim(Path(cfg.output_dir), args.resume, args.overwrite, log=print)
         path = write(cfg)
     except (ConfigError, launcher.LaunchError, ValueError) as e:
         print(f"caravela slurm: {e}", file=sys.stderr)

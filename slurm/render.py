@@ -296,5 +296,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", nargs="?", type=Path)
         p.add_argument("--set", dest="overrides", action="append", default=[])
+        how = p.add_mutually_exclusive_group()
+        how.add_argument(
+            "--resume",
+            action="store_true",
+            help="the run directory holds a previous run: the job continues it",
+        )
+        how.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="the run directory holds a previous run: delete it first",
+        )
         if name == "render":
             p.add_argument("--dry-run", action="store_true", help="print, write nothing")

@@ -393,3 +393,25 @@ def test_cli_writes_script_and_a_config_the_run_loads(tmp_path, capsys):
 def test_cli_reports_bad_requests(tmp_path, capsys):
     rc = main(["slurm", "render", "--set", "slurm.inference_nodes=2", "--set", "slurm.nodes=2"])
     assert rc == 2 and "zero trainer nodes" in capsys.readouterr().err
+
+
+def test_a_job_never_lands_on_a_previous_run_unless_asked(tmp_path, capsys):
+    """The job always resumes what its run directory holds, so rendering a new run into one
+    that holds a previous run is refused, naming --resume and --overwrite, and changes
+    nothing; --resume keeps the previous run for the job to continue, --overwrite deletes it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    (run / "config.json").write_text("{}")
+    sets = [f"output_dir='{run}'", "slurm.nodes=2", ACCOUNT]
+    args = [x for s in sets for x in ("--set", s)]
+    assert main(["slurm", "render", *args]) == 2
+    err = capsys.readouterr().err
+    assert "holds a previous run (metrics.jsonl)" in err and "--overwrite" in err
+    assert (run / "config.json").read_text() == "{}" and not (run / "job.sbatch").exists()
+    assert main(["slurm", "render", "--resume", *args]) == 0
+    assert (run / "metrics.jsonl").exists() and (run / "job.sbatch").exists()
+    assert main(["slurm", "render", "--overwrite", *args]) == 0
+    assert not (run / "metrics.jsonl").exists() and (run / "job.sbatch").exists()
+    with pytest.raises(SystemExit, match="2"):  # one or the other
+        main(["slurm", "render", "--resume", "--overwrite", *args])
