@@ -86,7 +86,7 @@ class TransferGroup:
         rank: int,
         world: int,
         device: str = "cpu",
-        timeout_s: float = 300.0,
+        timeout_s: float = 120.0,
     ) -> None:
         import torch.distributed as dist
 

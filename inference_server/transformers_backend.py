@@ -190,16 +190,22 @@ class DirTransformersEngine(TransformersEngine):
 
     def join_transfer(self, address: str, port: int, rank: int, world: int) -> None:
         """Join the weight-push group as ``rank`` (blocks until every member has joined)."""
+        # formed again (an engine died): the old group is dropped, not shut down, as a
+        # receive may still be waiting in it on another thread (it times out there)
         self.transfer = TransferGroup(address, port, rank, world, str(self.model.device))
 
     def receive_weights(
         self, version: int, meta: list[TensorMeta], bucket_bytes: int
     ) -> dict[str, float]:
         """Take part in one push as a receiver, then check and load it as ``update_weights``
-        does (a refused update is still received whole, so the sender never waits)."""
+        does (a refused update is still received whole, so the sender never waits). The
+        version this engine serves already is received and dropped: a push repeated after
+        the group lost a member, which this engine had taken the first time."""
         state = self.transfer.receive(meta, bucket_bytes)
-        metrics = self.update_weights(version, state)
-        return {**metrics, "weight_sync/buckets": float(len(buckets(meta, bucket_bytes)))}
+        sent = {"weight_sync/buckets": float(len(buckets(meta, bucket_bytes)))}
+        if version == self.version:  # a push repeated after the group lost a member: had it
+            return {**sent, "weight_sync/dropped": 1.0}
+        return {**self.update_weights(version, state), **sent}
 
     def checksum(self) -> str:
         """Hash of the served weights (every engine of a run must agree after a push)."""

@@ -208,20 +208,25 @@ class VLLMEngine:
     ) -> dict[str, float]:
         """Take part in one push: the workers receive the buckets while the engine serves,
         then swap them in during a short pause, as ``update_weights`` does. The checks of
-        ``update_weights`` apply; a refused push is still received (and dropped) whole."""
+        ``update_weights`` apply; a refused push is still received (and dropped) whole. The
+        version served already is received and dropped without an error: a push repeated
+        after the group lost a member, which this engine had taken the first time."""
         given = {m.name: m.shape for m in meta}
-        problems = update_problems(self.version, version, self.shapes, given)
+        again = version == self.version  # a push repeated after the group lost a member
+        problems = [] if again else update_problems(self.version, version, self.shapes, given)
         update = TransferUpdate(
             names=[m.name for m in meta],
             dtypes=[m.dtype for m in meta],
             shapes=[list(m.shape) for m in meta],
             bucket_bytes=bucket_bytes,
-            refuse="; ".join(problems) or None,
+            refuse="already served" if again else "; ".join(problems) or None,
         )
         t0 = time.perf_counter()
         try:
             pause = self._run(self._core.receive(asdict(update), version))
         except Exception as e:  # refused here or by a worker (non-finite values), or broken
+            if again and self.version == version:  # received and dropped, as asked
+                return {"weight_sync/dropped": 1.0}
             said = re.search(r"Worker failed with error '(.*)', please", str(e))
             worker = said.group(1) if said else f"{type(e).__name__}: {e}"
             refuse(self.engine_id, self.version, version, problems or [worker])

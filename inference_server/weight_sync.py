@@ -110,6 +110,8 @@ def _register() -> None:
             self.staged: dict[str, Any] = {}
 
         def init_transfer_engine(self, init_info: TransferInit) -> None:
+            # formed again (an engine died): the old group is dropped (a receive may still
+            # wait in it until it times out)
             p = self.parallel_config
             rank = init_info.rank_offset + p.data_parallel_index * p.world_size + p.rank
             self.group = TransferGroup(

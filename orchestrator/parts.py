@@ -18,6 +18,7 @@ optimizer step (``push``), checked by the logprob probe, in both modes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,8 @@ class Parts:
     meta: list[TensorMeta] | None = None
     """What a collective push carries (``connect``); None: pushes go through the object
     store (``inference.weight_sync = "object_store"``)."""
+    world: int = 0
+    """Members of the push group when it was formed (rank 0 + engine workers)."""
 
     def connect(self, bucket_bytes: int) -> None:
         """Form the weight-push group (trainer rank 0 + every engine worker): from now on
@@ -112,14 +115,13 @@ class Parts:
         opening.result()
         self.meta = self.trainers.transfer_meta(self.names)
         self.bucket_bytes = bucket_bytes
+        self.world = world
 
     def push(self, version: int) -> dict[str, float]:
         """The trainer's weights to every engine as ``version``, then the probe."""
         t0 = time.perf_counter()
-        if self.meta is not None:  # collective: the engines receive while rank 0 broadcasts
-            sending = self.trainers.send_weights(self.meta, self.bucket_bytes)
-            metrics = self.engines.receive_weights(version, self.meta, self.bucket_bytes)
-            sending.result()
+        if self.meta is not None:
+            metrics = self._broadcast(version)
         else:
             metrics = self.engines.update_weights(
                 version, self.trainers.host_state(self.names), self.bucket_bytes
@@ -131,6 +133,32 @@ class Parts:
         metrics["weight_sync/collective"] = float(self.meta is not None)
         metrics["seconds/sync"] = time.perf_counter() - t0
         return metrics
+
+    def _broadcast(self, version: int) -> dict[str, float]:
+        """The collective push: the engines receive while rank 0 broadcasts. An engine that
+        died since the push group formed (noticed while generating) is left out by forming
+        the group again first; one that dies during the push fails it (at worst after the
+        group's timeout, 120 s), and then the group is formed again and the push repeated
+        (an engine that took this version already drops it)."""
+        assert self.meta is not None
+        regrouped = 0
+        for attempt in (0, 1):
+            if self.engines.transfer_size() != self.world - 1:  # members were lost
+                self.connect(self.bucket_bytes)
+                regrouped += 1
+            sending = self.trainers.send_weights(self.meta, self.bucket_bytes)
+            try:
+                metrics = self.engines.receive_weights(version, self.meta, self.bucket_bytes)
+                sending.result()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    sending.result()  # the sender ends too (at worst after the group timeout)
+                if attempt or self.engines.transfer_size() == self.world - 1:
+                    raise  # no member was lost: the failure is the push's own
+                continue
+            metrics["weight_sync/regrouped"] = float(regrouped)
+            return metrics
+        raise AssertionError("unreachable")
 
     def metrics(self) -> dict[str, float]:
         """Engines alive/dead and requests re-queued; per env restarts, errors, replicas."""

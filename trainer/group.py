@@ -151,6 +151,7 @@ class TrainerRank:
         """Rank 0 opens the weight-push group as its sender, on its model's device (blocks
         until every engine worker has joined)."""
         if self.rank == 0:
+            # formed again after an engine died: the old group is dropped, not shut down
             self.transfer = TransferGroup(address, port, 0, world, str(self.model.device))
 
     def send_weights(self, meta: list[TensorMeta], bucket_bytes: int) -> int:

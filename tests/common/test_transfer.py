@@ -113,8 +113,10 @@ def test_a_group_needs_a_receiver_and_ranks_inside_it():
 
 
 def test_a_transformers_engine_receives_refuses_and_the_sender_never_waits():
-    """A refused push (wrong version, non-finite values, wrong shape) is still received whole:
-    the sender returns every time, and the engine keeps its weights and version."""
+    """A refused push (an older version, non-finite values, wrong shape) is still received
+    whole: the sender returns every time, and the engine keeps its weights and version; the
+    version it serves already is received and dropped (the push repeated after an engine
+    died)."""
     from inference_server.transformers_backend import DirTransformersEngine
     from inference_server.weights import WeightUpdateError
 
@@ -131,8 +133,11 @@ def test_a_transformers_engine_receives_refuses_and_the_sender_never_waits():
     assert engine.version == 1 and metrics["weight_sync/buckets"] > 1
     after = engine.model.state_dict()
     assert all(torch.equal(after[n], state[n]) for n in served)
+    # the version served already: a push repeated after the group lost a member, dropped
+    moved = {n: t + 1.0 for n, t in state.items()}
+    assert push(1, moved)["weight_sync/dropped"] == 1.0
     with pytest.raises(WeightUpdateError, match="already serves version 1"):
-        push(1, state)
+        push(0, moved)  # an older one is refused
     name = served[0]
     nan = dict(state, **{name: torch.full_like(state[name], float("nan"))})
     with pytest.raises(WeightUpdateError, match=r"non-finite values in \['" + name):

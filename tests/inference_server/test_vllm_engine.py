@@ -242,8 +242,9 @@ def test_collective_push_through_vllms_weight_transfer_api(engine, hf):
     """The collective path (``inference.weight_sync = "collective"``): vLLM's weight-transfer
     lifecycle with the gloo engine ``inference_server.weight_sync`` registers. The workers
     receive what rank 0 broadcasts, the probe then matches the new weights; refused pushes
-    (a stale version, non-finite values) are received whole and dropped, so the sender always
-    returns, and the engine keeps serving what it served."""
+    (an older version, non-finite values) and the version served already (a push repeated
+    after an engine died) are received whole and dropped, so the sender always returns, and
+    the engine keeps serving what it served."""
     from common.logprobs import sequence_logprobs
     from common.transfer import state_meta
     from inference_server.vllm_backend import WeightUpdateError
@@ -263,8 +264,9 @@ def test_collective_push_through_vllms_weight_transfer_api(engine, hf):
     metrics = push(v, state)
     assert engine.version == v and metrics["weight_sync/buckets"] > 1
     assert engine.probe(probe, sequence_logprobs(new_model, probe), tol=1e-3) < 1e-3
+    assert push(v, engine_state(model))["weight_sync/dropped"] == 1.0  # served already
     with pytest.raises(WeightUpdateError, match=f"already serves version {v}"):
-        push(v, state)
+        push(v - 1, state)
     name = "model.layers.0.mlp.up_proj.weight"
     nan = dict(state, **{name: torch.full_like(state[name], float("nan"))})
     with pytest.raises(WeightUpdateError, match=r"non-finite values in \['model.layers.0.mlp"):

@@ -353,6 +353,9 @@ def test_kills_mid_run_lose_and_double_count_nothing(ray_cluster, record, tmp_pa
     }
     assert router.requeued > 0, "the engine died with nothing in flight: nothing was tested"
     assert [m["weight_sync/engines"] for m in metrics] == [2.0, 2.0, 2.0, 1.0, 1.0]
+    # the push after the engine died found it gone from the weight-push group: the group was
+    # formed again with the live engine and the push repeated (collective, the default)
+    assert [m["weight_sync/regrouped"] for m in metrics] == [0.0, 0.0, 0.0, 1.0, 0.0]
     served = [{c.engine_id for r in rec.generated[s] for c in r.completions} for s in range(5)]
     assert served[:3] == [{dead, alive}] * 3 and served[3:] == [{alive}] * 2
     # on-policy throughout: every completion came from the weights of its step
