@@ -121,10 +121,12 @@ def main(args: argparse.Namespace) -> int:
         if args.slurm_command == "render" and args.dry_run:
             print(render(cfg)[0])
             return 0
+        script, resolved = render(cfg)  # every check of the request first
         # the job always resumes what its run directory holds: a new run must not land on
         # an old one unless asked (the same rule as ``caravela run``)
-        rundir.claim(Path(cfg.output_dir), args.resume, args.overwrite, log=print)
-        path = write(cfg)
+        out = Path(resolved.output_dir)
+        rundir.claim(out, args.resume, args.overwrite, log=print)
+        path = launcher.write(out, script, resolved.model_dump_json(indent=2))
     except (ConfigError, launcher.LaunchError, ValueError) as e:
         print(f"caravela slurm: {e}", file=sys.stderr)
         return 2

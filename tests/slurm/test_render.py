@@ -391,7 +391,8 @@ def test_cli_writes_script_and_a_config_the_run_loads(tmp_path, capsys):
 
 
 def test_cli_reports_bad_requests(tmp_path, capsys):
-    rc = main(["slurm", "render", "--set", "slurm.inference_nodes=2", "--set", "slurm.nodes=2"])
+    sets = [f"output_dir='{tmp_path / 'run'}'", "slurm.inference_nodes=2", "slurm.nodes=2"]
+    rc = main(["slurm", "render", *(x for s in sets for x in ("--set", s))])
     assert rc == 2 and "zero trainer nodes" in capsys.readouterr().err
 
 
