@@ -42,6 +42,8 @@ def resolve(ref: str) -> Path:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from reward_envs.api.server import add_build_options  # argparse only; no FastAPI
+
     parser = parser or argparse.ArgumentParser(prog="caravela-envs")
     sub = parser.add_subparsers(dest="env_command", required=True, metavar="ENV_COMMAND")
     b = sub.add_parser("build", help="build env venvs into the store (login node)")
@@ -64,9 +66,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     s.add_argument("--timeout", type=float, help="per-item seconds (default: the manifest's)")
     api = sub.add_parser("serve", help="the env registration REST API (bearer-token auth)")
     api.add_argument("--state-dir", type=Path, default=Path("env-api"), help="registry + token")
-    api.add_argument("--store", type=Path, help="env store (default $CARAVELA_ENV_STORE)")
-    api.add_argument("--offline", action="store_true", help="build venvs with no network")
-    api.add_argument("--wheelhouse", type=Path, help="build venvs only from this wheel dir")
+    add_build_options(api)
     api.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     api.add_argument("--port", type=int, default=8100)
     return parser
@@ -162,16 +162,9 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from reward_envs.api.server import serve
+    from reward_envs.api.server import serve_from
 
-    serve(
-        args.host,
-        args.port,
-        args.state_dir,
-        store=args.store,
-        offline=args.offline,
-        wheelhouse=args.wheelhouse,
-    )
+    serve_from(args)
     return 0
 
 

@@ -30,12 +30,23 @@ def serve(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caravela-env-api", description=__doc__)
     p.add_argument("--state-dir", type=Path, required=True, help="registry, token, inline envs")
+    add_build_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    serve_from(p.parse_args(argv))
+    return 0
+
+
+def add_build_options(p: argparse.ArgumentParser) -> None:
+    """Where and how the API builds the envs it registers (``caravela-env-api`` and
+    ``caravela env serve`` alike)."""
     p.add_argument("--store", type=Path, help="env build store (default $CARAVELA_ENV_STORE)")
     p.add_argument("--offline", action="store_true", help="build venvs with no network")
     p.add_argument("--wheelhouse", type=Path, help="build venvs only from this wheel directory")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    args = p.parse_args(argv)
+
+
+def serve_from(args: argparse.Namespace) -> None:
+    """``serve`` with what ``add_build_options`` and ``--host/--port/--state-dir`` parsed."""
     serve(
         args.host,
         args.port,
@@ -44,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         offline=args.offline,
         wheelhouse=args.wheelhouse,
     )
-    return 0
 
 
 if __name__ == "__main__":
