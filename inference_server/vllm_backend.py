@@ -183,9 +183,14 @@ class VLLMEngine:
         t0 = time.perf_counter()
         blobs = list(safetensors_buckets(state, bucket_bytes))
         pause = self._run(self._core.swap(blobs, version))
+        return self._pushed(t0, len(blobs), pause)
+
+    def _pushed(self, t0: float, sent: int, pause: float) -> dict[str, float]:
+        """A swapped-in update's metrics (either path): seconds since ``t0``, ``sent``
+        buckets, the pause, requests re-run so far."""
         return {
             "weight_sync/seconds": time.perf_counter() - t0,
-            "weight_sync/buckets": float(len(blobs)),
+            "weight_sync/buckets": float(sent),
             "weight_sync/pause_seconds": pause,
             "weight_sync/requeued": float(self.requeued),
         }
@@ -231,12 +236,7 @@ class VLLMEngine:
             worker = said.group(1) if said else f"{type(e).__name__}: {e}"
             refuse(self.engine_id, self.version, version, problems or [worker])
             raise
-        return {
-            "weight_sync/seconds": time.perf_counter() - t0,
-            "weight_sync/buckets": float(len(buckets(meta, bucket_bytes))),
-            "weight_sync/pause_seconds": pause,
-            "weight_sync/requeued": float(self.requeued),
-        }
+        return self._pushed(t0, len(buckets(meta, bucket_bytes)), pause)
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of every token after the first, as the engine computes it (T = 1)."""
