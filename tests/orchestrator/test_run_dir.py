@@ -18,6 +18,15 @@ from orchestrator.rundir import RESULTS, RunDirError, claim
 CARAVELA = str(Path(sys.executable).parent / "caravela")
 
 
+def tiny_run(out: Path, flag: str, *sets: str) -> subprocess.CompletedProcess[str]:
+    """``caravela run FLAG`` of the tiny default in one process, into ``out``."""
+    base = ["cluster.mode=local", "rollout.prompts_per_step=4", "eval.num_prompts=4", "eval.k=1"]
+    args = [x for s in [*base, *sets, f"output_dir='{out}'"] for x in ("--set", s)]
+    return subprocess.run(
+        [CARAVELA, "run", flag, *args], capture_output=True, text=True, timeout=600
+    )
+
+
 def previous_run(out: Path) -> dict[str, bytes]:
     """A run directory as a stopped run leaves it (what the files hold does not matter
     here), with what the SLURM launcher and ``caravela data prepare`` put there before."""
@@ -103,21 +112,7 @@ def test_resume_before_any_checkpoint_starts_at_step_0_keeping_the_earlier_lines
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 0, "earlier": 1}\n')
     (out / "prompts.jsonl").write_text('{"step": 0, "prompts": ["x"]}\n')
-    sets = [
-        "cluster.mode=local",
-        "steps=2",
-        "checkpoint.every_steps=0",
-        "rollout.prompts_per_step=4",
-        "eval.num_prompts=4",
-        "eval.k=1",
-        f"output_dir='{out}'",
-    ]
-    done = subprocess.run(
-        [CARAVELA, "run", "--resume", *(x for s in sets for x in ("--set", s))],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = tiny_run(out, "--resume", "steps=2", "checkpoint.every_steps=0")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no checkpoint in" in done.stdout and "the run starts at step 0" in done.stdout
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -149,21 +144,7 @@ def test_overwrite_starts_a_new_run_with_none_of_the_old_ones_files(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     previous_run(out)
-    sets = [
-        "cluster.mode=local",
-        "steps=1",
-        "checkpoint.keep=1",
-        "rollout.prompts_per_step=4",
-        "eval.num_prompts=4",
-        "eval.k=1",
-        f"output_dir='{out}'",
-    ]
-    done = subprocess.run(
-        [CARAVELA, "run", "--overwrite", *(x for s in sets for x in ("--set", s))],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = tiny_run(out, "--overwrite", "steps=1", "checkpoint.keep=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--overwrite: deleted the previous run" in done.stdout
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0]
