@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.trainer.test_data_parallel import cfg, make_batch, make_model
+from tests.trainer.test_data_parallel import cfg, leave, make_batch, make_model
 from trainer import checkpoint
 from trainer.trainer import Trainer
 
@@ -56,7 +56,7 @@ def _two_ranks(rank, port, sharding, root, queue):
     out["1->2"] = next_step(resumed(sharding, root / "one"))
     if rank == 0:
         queue.put(out)
-    dist.destroy_process_group()
+    leave(queue)
 
 
 def tensor_bytes(path):

@@ -57,6 +57,23 @@ def cfg(loss, sharding="replicate", mu=1):
     )
 
 
+def leave(queue):
+    """End a spawned gloo rank: destroy its group, flush ``queue``, and exit without
+    interpreter finalization. Gloo's worker threads outlive ``destroy_process_group`` holding
+    async work (FSDP2's reduce-scatters) with tensors in it; freeing those while the
+    interpreter is torn down takes the GIL and aborts now and then (SIGABRT, "terminate
+    called without an active exception": pytorch/pytorch#179291, #190489). A failure before
+    this point still exits non-zero."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
+
+
 def _rank(rank, world, port, loss, sharding, mu, queue):
     import torch.distributed as dist
 
@@ -80,7 +97,7 @@ def _rank(rank, world, port, loss, sharding, mu, queue):
     assert trainer.train_step(lone)["tokens"] == sum(mb.real_tokens for mb in trainer.layout(lone))
     if rank == 0:
         queue.put((state, metrics))
-    dist.destroy_process_group()
+    leave(queue)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from common.paths import TINY_MODEL
 from common.weights import weights_checksum
-from tests.trainer.test_data_parallel import make_batch, make_model
+from tests.trainer.test_data_parallel import leave, make_batch, make_model
 from trainer.config import TrainerConfig
 from trainer.protocol import TrainBatch, TrainSample
 from trainer.trainer import Trainer
@@ -127,7 +127,7 @@ def _fsdp2_rank(rank, world, port, queue):
     exported = {str(v.dtype) for v in trainer.state_dict().values()}  # a collective too
     if rank == 0:
         queue.put((master, exported, metrics))
-    dist.destroy_process_group()
+    leave(queue)
 
 
 def test_fsdp2_mixed_precision_matches_one_rank(trained):
