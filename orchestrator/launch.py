@@ -46,7 +46,10 @@ def resolve(cfg: RunConfig, profile: SiteProfile) -> RunConfig:
       would decide it on the inference node (``AutoBackend.resolve``) but from what is known
       for certain: whether the profile's nodes have GPUs and the job's venv has vllm, not
       whether the driver's job step sees the GPUs. In an Apptainer image on GPU nodes the
-      driver decides (inside the image).
+      driver decides (inside the image);
+    - compute nodes have no internet, so envs registered mid-run (``env_api``) are built on
+      the head node offline: ``env_api.offline = True`` (from the run's wheelhouse if it has
+      one, else the uv cache only).
     """
     gpus = profile.gpus_per_node
     trainer: dict[str, Any] = {"gradient_checkpointing": profile.gradient_checkpointing}
@@ -67,6 +70,7 @@ def resolve(cfg: RunConfig, profile: SiteProfile) -> RunConfig:
             "trainer": _defaults(cfg.trainer, trainer),
             "inference": cfg.inference.model_copy(update={"backend": backend}),
             "rollout": _defaults(cfg.rollout, {"max_staleness": 1}),
+            "env_api": _defaults(cfg.env_api, {"offline": True}),
             "cluster": cfg.cluster.model_copy(update={"mode": "ray", "allow_network": True}),
         }
     )

@@ -364,6 +364,20 @@ def test_what_the_run_config_sets_wins(tmp_path):
     assert resolved.inference.backend.engines_per_node == 1
 
 
+def test_envs_registered_mid_run_are_built_offline_unless_the_config_says(tmp_path):
+    """Compute nodes have no internet: a live env (``env_api``) is built on the head node
+    offline, also in the job's config.json; an explicit ``env_api.offline = false`` (a site
+    whose nodes reach an index) wins."""
+    assert load_config().env_api.offline is False  # one machine: online builds allowed
+    for profile in ("generic", "mn5"):
+        _, resolved = render(config(tmp_path, f"slurm.profile='{profile}'"))
+        assert resolved.env_api.offline is True
+    _, online = render(config(tmp_path, "slurm.profile='mn5'", "env_api.offline=false"))
+    assert online.env_api.offline is False
+    assert main(["slurm", "render", "--set", f"output_dir='{tmp_path / 'cli'}'"]) == 0
+    assert load_config(tmp_path / "cli" / "config.json").env_api.offline is True
+
+
 def test_cpu_profile_keeps_one_rank_and_engine_but_overlaps(tmp_path):
     """No GPUs: nothing to place (one trainer rank, one engine per node, as on one machine),
     but engines and trainer ranks are still on different nodes, so generation overlaps."""
