@@ -45,6 +45,7 @@ from orchestrator.rollout import (
     staleness,
 )
 from orchestrator.sampler import Prefetcher, PromptSampler
+from trainer.group import TrainerDied
 
 Log = Any  # Callable[[str], Any]
 
@@ -92,6 +93,7 @@ def train(
                 state.version += 1
                 metrics["seconds/train"] = time.perf_counter() - t1
                 metrics |= parts.push(state.version)
+            quarantine(parts, sampler, record.log)  # envs whose items keep failing
             metrics |= parts.metrics() | sampler.metrics()  # faults, errors, prompts too long
             # checkpoint, next rollout, record
             state.step = step + 1
@@ -108,6 +110,89 @@ def train(
                 "step_seconds": time.perf_counter() - t0,
             }
             record.step(step, ready.prompts, metrics)
+
+
+def survive(
+    cfg: RunConfig,
+    parts: Parts,
+    sampler: Prefetcher,
+    live: LiveEnvs | None,
+    record: Recorder,
+    state: DriverState,
+    tok: Any,
+) -> DriverState:
+    """``train``, forming the trainer ranks again whenever one dies (up to
+    ``trainer.max_restarts`` times), each time from the last checkpoint; the final state."""
+    while True:
+        try:
+            train(cfg, parts, sampler, live, record, state, tok)
+            return state
+        except TrainerDied as e:
+            state = restart_trainers(cfg, parts, sampler, record, state, e)
+
+
+def restart_trainers(
+    cfg: RunConfig,
+    parts: Parts,
+    sampler: Prefetcher,
+    record: Recorder,
+    state: DriverState,
+    error: TrainerDied,
+) -> DriverState:
+    """A rank died: stop them all, form a new group, load the last checkpoint (none yet:
+    the initial weights, step 0), replay the prompts after it as ``--resume`` does, and
+    push the weights to the engines. The engines already serve later versions, and versions
+    must increase: the trainer goes on numbering after theirs."""
+    log, limit = record.log, cfg.trainer.max_restarts
+    restarts = parts.trainers.restarts
+    if restarts >= limit:
+        raise RuntimeError(
+            f"{error}; the trainer ranks were already formed again {restarts} times "
+            f"(trainer.max_restarts = {limit}): raise it, or look at the ranks' logs in "
+            f"Ray's session directory for why they die"
+        ) from error
+    log(f"{error}: forming the trainer group again ({restarts + 1} of {limit})")
+    parts.trainers.restart()
+    ckpt = checkpoint.latest(Path(cfg.output_dir))
+    if ckpt is None:
+        state = state.model_copy(update={"step": 0, "version": 0, "steps_without_batch": 0})
+        state.inflight = []
+    else:
+        saved = checkpoint.load(ckpt)
+        state = saved.model_copy(update={"before": state.before})
+        if parts.trainers.load(ckpt) != state.version:
+            raise ValueError(f"{ckpt}: the trainer's version differs from driver.json's")
+    sampler.restore(state.sampler.model_dump(), state.inflight)
+    served = parts.version
+    if served > state.version:  # number on after the engines' version
+        state.version = served + 1
+        parts.trainers.set_version(state.version)
+    if parts.meta is not None:
+        parts.connect(parts.bucket_bytes)  # the new rank 0 opens the push group
+    if state.version != served:
+        parts.push(state.version)
+    record.rewind(state.step)
+    log(
+        f"trainer group formed again: from {ckpt or 'the initial weights'} at step "
+        f"{state.step}, the engines serve version {state.version}"
+    )
+    return state
+
+
+def quarantine(parts: Parts, sampler: Prefetcher, log: Log) -> None:
+    """Stop drawing the prompts of envs the scorer quarantined (their items kept failing;
+    ``envs.<env>.breaker_*``); none left to draw from ends the run."""
+    drawn = sampler.envs()
+    for env, why in parts.scorer.quarantined().items():
+        if env in drawn:
+            if drawn == {env}:
+                raise RuntimeError(
+                    f"{why}; every env of the run is now quarantined, nothing is left to "
+                    f"train on: fix the envs (their logs are in <run>/envs/) and resume"
+                )
+            sampler.remove(env)
+            drawn.discard(env)
+            log(f"{why}: its prompts are no longer drawn")
 
 
 def save(
@@ -229,7 +314,7 @@ def run(cfg: RunConfig, log: Log = print, overwrite: bool = False) -> RunSummary
         state = start(cfg, parts, sampler, live, model, tok, log)
         log(describe("before", state.before))
         with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log, cfg) as record:
-            train(cfg, parts, sampler, live, record, state, tok)
+            state = survive(cfg, parts, sampler, live, record, state, tok)
         model.load_state_dict(parts.trainers.state_dict(list(model.state_dict())))
         export_model(model, tok, out_dir / FINAL)
         log(f"trained model: {out_dir / FINAL} (HF format: caravela serve / eval take it)")

@@ -66,6 +66,7 @@ class Scorer(scoring.Scorer, Protocol):
     def add(self, spec: EnvSpec) -> None: ...
     def remove(self, env: str) -> None: ...
     def metrics(self) -> dict[str, float]: ...
+    def quarantined(self) -> dict[str, str]: ...
     def close(self) -> None: ...
 
 
@@ -82,6 +83,12 @@ class Trainers(Protocol):
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]: ...
     def save(self, path: Path) -> None: ...
     def load(self, path: Path) -> int: ...
+    def check(self) -> None: ...
+    def restart(self) -> None: ...
+    def set_version(self, version: int) -> None: ...
+
+    @property
+    def restarts(self) -> int: ...
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Parts:
     store (``inference.weight_sync = "object_store"``)."""
     world: int = 0
     """Members of the push group when it was formed (rank 0 + engine workers)."""
+    version: int = 0
+    """The version the engines serve (the last push)."""
 
     def connect(self, bucket_bytes: int) -> None:
         """Form the weight-push group (trainer rank 0 + every engine worker): from now on
@@ -120,12 +129,17 @@ class Parts:
     def push(self, version: int) -> dict[str, float]:
         """The trainer's weights to every engine as ``version``, then the probe."""
         t0 = time.perf_counter()
-        if self.meta is not None:
-            metrics = self._broadcast(version)
-        else:
-            metrics = self.engines.update_weights(
-                version, self.trainers.host_state(self.names), self.bucket_bytes
-            )
+        try:
+            if self.meta is not None:
+                metrics = self._broadcast(version)
+            else:
+                metrics = self.engines.update_weights(
+                    version, self.trainers.host_state(self.names), self.bucket_bytes
+                )
+        except Exception:
+            self.trainers.check()  # a dead trainer rank fails the push: TrainerDied
+            raise
+        self.version = version
         expected = self.trainers.logprobs(self.probe)
         metrics["weight_sync/probe_mean_diff"] = self.engines.probe(
             self.probe, expected, self.probe_tolerance
@@ -161,8 +175,13 @@ class Parts:
         raise AssertionError("unreachable")
 
     def metrics(self) -> dict[str, float]:
-        """Engines alive/dead and requests re-queued; per env restarts, errors, replicas."""
-        return {**self.engines.metrics(), **self.scorer.metrics()}
+        """Engines alive/dead and requests re-queued; per env restarts, errors, replicas;
+        trainer group restarts."""
+        return {
+            **self.engines.metrics(),
+            **self.scorer.metrics(),
+            "restarts/trainer": float(self.trainers.restarts),
+        }
 
     def close(self) -> None:
         if self.on_ray:

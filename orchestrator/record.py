@@ -67,7 +67,23 @@ class Recorder:
     ) -> None:
         self.out_dir, self.steps, self.log = Path(out_dir), steps, log
         self.history: list[dict[str, float]] = []
-        for name in FILES:  # the steps before ``start`` stay, later ones move aside
+        self._keep(start)
+        # TensorBoard, W&B, MLflow: as ``logging.trackers`` says (default: TensorBoard)
+        logging = config.logging if config is not None else LoggingConfig()
+        params = config.model_dump(mode="json") if config is not None else {}
+        self.trackers = open_trackers(logging, self.out_dir, start, params)
+        self.gauges: Any = None
+        if on_ray:  # the same metrics on the Ray dashboard / Prometheus
+            from orchestrator.monitor import RunMetrics
+
+            self.gauges = RunMetrics(self.out_dir.name)
+        self._open()
+        self.bar = progress_bar()
+        self.task = self.bar.add_task("train", total=steps, completed=start, info="")
+
+    def _keep(self, start: int) -> None:
+        """The steps before ``start`` stay; the lines of later ones move aside."""
+        for name in FILES:
             path = self.out_dir / name
             lines = path.read_text().splitlines() if path.exists() else []
             kept, redone = lines[:start], lines[start:]
@@ -79,19 +95,19 @@ class Recorder:
                 os.replace(tmp, path)
             if name == "metrics.jsonl":
                 self.history = [json.loads(x) for x in kept]
-        # TensorBoard, W&B, MLflow: as ``logging.trackers`` says (default: TensorBoard)
-        logging = config.logging if config is not None else LoggingConfig()
-        params = config.model_dump(mode="json") if config is not None else {}
-        self.trackers = open_trackers(logging, self.out_dir, start, params)
-        self.gauges: Any = None
-        if on_ray:  # the same metrics on the Ray dashboard / Prometheus
-            from orchestrator.monitor import RunMetrics
 
-            self.gauges = RunMetrics(self.out_dir.name)
+    def _open(self) -> None:
         self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115
         self.prompts_file = open(self.out_dir / "prompts.jsonl", "a")  # noqa: SIM115
-        self.bar = progress_bar()
-        self.task = self.bar.add_task("train", total=steps, completed=start, info="")
+
+    def rewind(self, step: int) -> None:
+        """The run goes on from ``step`` again (the trainer ranks were formed again from a
+        checkpoint): the lines of the steps it redoes move aside, as on a resume."""
+        self.metrics_file.close()
+        self.prompts_file.close()
+        self._keep(step)
+        self._open()
+        self.bar.update(self.task, completed=step)
 
     def __enter__(self) -> Recorder:
         self.bar.__enter__()

@@ -255,6 +255,10 @@ class PromptSampler:
                 return
         self._load(spec)
 
+    def envs(self) -> set[str]:
+        """The envs whose datasets are drawn from now."""
+        return {s.spec.env for s in self.sources if s.active}
+
     def remove(self, env: str) -> None:
         """Stop drawing the prompts of every dataset tagged ``env`` (those handed out stay)."""
         tagged = [s for s in self.sources if s.active and s.spec.env == env]
@@ -420,6 +424,10 @@ class Prefetcher:
         with self._cond:
             self._rewind()
             self.sampler.remove(env)
+
+    def envs(self) -> set[str]:
+        with self._cond:
+            return self.sampler.envs()
 
     def close(self) -> None:
         """Stop the background thread (the batches ahead are dropped; ``sample`` still

@@ -141,6 +141,10 @@ class TrainerConfig(StrictModel):
     """Data-parallel ranks on each trainer node (one per GPU on GPU nodes; 4 on MN5)."""
     cpus_per_rank: float = Field(2.0, gt=0.0)
     """Ray CPUs each rank reserves (and its torch threads)."""
+    max_restarts: int = Field(3, ge=0)
+    """Times in one run the trainer ranks may be re-formed after one of them died (on Ray):
+    every rank is stopped, a new process group formed, and the run goes on from the last
+    checkpoint, replaying the prompts after it. One more death ends the run."""
     sharding: Literal["replicate", "fsdp2"] = "replicate"
     """``replicate``: every rank holds the whole model and optimizer, gradients are summed
     (DDP; enough while a model and its Adam state fit one GPU). ``fsdp2``: parameters,

@@ -34,6 +34,28 @@ from trainer.protocol import TrainBatch
 TRAINER_RESOURCE = "trainer_node"
 
 
+class TrainerDied(RuntimeError):
+    """A trainer rank's process died (or Ray lost it): the group must be formed again
+    (``TrainerGroup.restart``) and the run continued from its last checkpoint."""
+
+
+def wait_ranks(refs: list[Any]) -> list[Any]:
+    """The answers of calls on ranks, in order. A rank that died raises ``TrainerDied`` as
+    soon as Ray notices, instead of waiting for the others, which would hang in a collective
+    with it (gloo's timeout is 30 minutes)."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ready)
+        except (ActorDiedError, ActorUnavailableError) as e:
+            raise TrainerDied(f"a trainer rank died: {str(e).splitlines()[0][:300]}") from e
+    return list(ray.get(refs))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -173,6 +195,16 @@ class TrainerRank:
 
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def set_version(self, version: int) -> None:
+        """Number the policy ``version`` from now on (after a restart from a checkpoint the
+        engines already serve later versions; theirs must keep increasing)."""
+        self.trainer.version = version
+
 
 class TrainerGroup:
     """``ranks_per_node`` ranks on every trainer node, joined into one process group."""
@@ -181,8 +213,17 @@ class TrainerGroup:
         self, model_dir: Path, cfg: TrainerConfig, total_updates: int | None = None
     ) -> None:
         """``total_updates``: the run's optimizer updates (``TrainerRank``)."""
+        self.args = (Path(model_dir), cfg, total_updates)
+        self.restarts = 0
+        """Times the ranks were formed again after one died."""
+        self.ranks: list[Any] = []
+        self._start()
+
+    def _start(self) -> None:
+        """Start the rank actors and join them into a new process group."""
         import ray
 
+        model_dir, cfg, total_updates = self.args
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(TRAINER_RESOURCE)]
         if not nodes:
             raise RuntimeError(
@@ -199,14 +240,35 @@ class TrainerGroup:
             # (1e-3 each) share the rest, so both land on the same nodes
             resources={TRAINER_RESOURCE: 0.9 / cfg.ranks_per_node},
         )(TrainerRank)
-        self.ranks: list[Any] = [
-            actor.remote(Path(model_dir), cfg, r, world, total_updates) for r in range(world)
-        ]
-        address, port = ray.get(self.ranks[0].rendezvous.remote())
-        ray.get([r.join.remote(address, port) for r in self.ranks])
+        self.ranks = [actor.remote(model_dir, cfg, r, world, total_updates) for r in range(world)]
+        address, port = wait_ranks([self.ranks[0].rendezvous.remote()])[0]
+        wait_ranks([r.join.remote(address, port) for r in self.ranks])
         self.world = world
         self.sharded = cfg.sharding == "fsdp2" and world > 1
         """FSDP2: gathering weights (push, probe, save) is a collective of every rank."""
+
+    def restart(self) -> None:
+        """Stop every rank (the live ones are stuck in a collective with the dead one) and
+        form the group again from fresh processes, with the model's initial weights: the
+        caller loads a checkpoint next."""
+        import ray
+
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        self.restarts += 1
+        self._start()
+
+    def pids(self) -> list[int]:
+        """The ranks' process ids (chaos tests, monitoring); raises ``TrainerDied`` if one
+        is dead: what ``check`` asks after a failed call, to tell whose failure it was."""
+        return wait_ranks([r.pid.remote() for r in self.ranks])
+
+    def check(self) -> None:
+        """Raise ``TrainerDied`` if a rank is dead (a cheap call to each)."""
+        self.pids()
+
+    def set_version(self, version: int) -> None:
+        wait_ranks([r.set_version.remote(version) for r in self.ranks])
 
     def _collective(self, method: str, *args: Any) -> Any:
         """Rank 0's answer (an object ref); every rank is called when the state is sharded."""
@@ -217,19 +279,15 @@ class TrainerGroup:
         import ray
 
         shared = ray.put(batch)  # once in the object store, not pickled once per rank
-        return ray.get([r.train_step.remote(shared) for r in self.ranks])[0]
+        return wait_ranks([r.train_step.remote(shared) for r in self.ranks])[0]
 
     # -- the collective weight push (common.transfer) ----------------------------------------
     def transfer_address(self) -> tuple[str, int]:
-        import ray
-
-        address, port = ray.get(self.ranks[0].transfer_address.remote())
+        address, port = wait_ranks([self.ranks[0].transfer_address.remote()])[0]
         return address, port
 
     def transfer_meta(self, names: list[str]) -> list[TensorMeta]:
-        import ray
-
-        return ray.get(self.ranks[0].transfer_meta.remote(names))
+        return wait_ranks([self.ranks[0].transfer_meta.remote(names)])[0]
 
     def open_transfer(self, address: str, port: int, world: int) -> Pending:
         """Rank 0 opens the weight-push group; returns at once (the group forms when every
@@ -248,37 +306,25 @@ class TrainerGroup:
 
     def state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Rank 0's weights ``names``, here (the driver's final evaluation)."""
-        import ray
-
-        state: HostState = ray.get(self.host_state(names))
+        state: HostState = wait_ranks([self.host_state(names)])[0]
         return state.tensors()
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        import ray
-
-        return ray.get(self._collective("logprobs", sequences))
+        return wait_ranks([self._collective("logprobs", sequences)])[0]
 
     def save(self, path: Path) -> None:
         """Every rank writes its shard into the checkpoint directory ``path`` (the run
         directory is shared); returns once all of them have finished."""
-        import ray
-
-        ray.get([r.save.remote(str(path)) for r in self.ranks])
+        wait_ranks([r.save.remote(str(path)) for r in self.ranks])
 
     def load(self, path: Path) -> int:
-        import ray
-
-        return ray.get([r.load.remote(str(path)) for r in self.ranks])[0]
+        return wait_ranks([r.load.remote(str(path)) for r in self.ranks])[0]
 
     def checksums(self) -> list[str]:
-        import ray
-
-        return ray.get([r.checksum.remote() for r in self.ranks])
+        return wait_ranks([r.checksum.remote() for r in self.ranks])
 
     def nodes(self) -> list[str]:
-        import ray
-
-        return ray.get([r.node.remote() for r in self.ranks])
+        return wait_ranks([r.node.remote() for r in self.ranks])
 
 
 class Pending:
@@ -288,9 +334,7 @@ class Pending:
         self.refs = refs
 
     def result(self) -> Any:
-        import ray
-
-        return ray.get(self.refs)[0]
+        return wait_ranks(self.refs)[0]
 
 
 class LocalTrainerGroup:
@@ -341,3 +385,15 @@ class LocalTrainerGroup:
 
     def checksums(self) -> list[str]:
         return [self.rank.checksum()]
+
+    def check(self) -> None:
+        """The one rank is this process: alive while anyone can ask."""
+
+    restarts = 0
+    """Never formed again: the rank is this process (``TrainerDied`` is Ray's)."""
+
+    def restart(self) -> None:
+        raise RuntimeError("the local trainer rank is this process; it cannot be restarted")
+
+    def set_version(self, version: int) -> None:
+        self.rank.set_version(version)
