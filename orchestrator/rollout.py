@@ -183,6 +183,8 @@ def build_batch(
         "groups_kept": float(kept),
         "groups_zero_variance": float(zero_var),
         "reward_errors": float(errors),
+        # with reward_errors: every completion of the step, scored or errored
+        "items_scored": float(sum(s.score is not None for g in r.scores for s in g)),
         **{k: float(v) for k, v in by_kind.items()},
     }
     if not samples:
