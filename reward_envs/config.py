@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from common.config import StrictModel
 from reward_envs.manifest import load_manifest
@@ -87,6 +87,25 @@ class EnvSpec(StrictModel):
     None = the manifest's ``timeout_s``."""
     replicas: int = Field(1, ge=1)
     """Pool actors for this env on the trainer nodes (distributed runs)."""
+    max_restarts: int = Field(5, ge=0)
+    """Pool actors the run may start in place of dead or hung ones, for this env over the
+    whole run (distributed runs; a dead replica's items go to the fresh one or the others).
+    Used up with no replica left, scoring the env fails; reached within 10 minutes, the env
+    is quarantined."""
+    restart_backoff_s: float = Field(0.5, ge=0.0)
+    """Wait before starting a pool actor in place of a dead one; doubles with each restart of
+    the env in the last 10 minutes, at most 10 s."""
+    hang_timeout_s: float | None = Field(None, gt=0.0)
+    """Margin of the deadline a pool actor has to answer a share of items: ``hang_timeout_s
+    + 2 x timeout_s x ceil(items / workers)``, plus 150 s for a replica just started. Past
+    it the actor is deemed hung, killed and replaced. None = 30 s."""
+    breaker_window: int = Field(64, ge=1)
+    """Circuit breaker: how many of the env's latest item results it looks at."""
+    breaker_error_rate: float = Field(0.5, gt=0.0, le=1.0)
+    """Circuit breaker: the env is quarantined (the run stops drawing its prompts) when more
+    than this fraction of its last ``breaker_window`` results are errors."""
+    breaker_min_items: int = Field(32, ge=1)
+    """Circuit breaker: results needed before the error rate counts."""
 
     @field_validator("name")
     @classmethod
@@ -97,6 +116,15 @@ class EnvSpec(StrictModel):
                 "with a letter (it becomes a directory and a metric label)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _breaker(self) -> EnvSpec:
+        if self.breaker_min_items > self.breaker_window:
+            raise ValueError(
+                f"env {self.name!r}: breaker_min_items ({self.breaker_min_items}) must be at "
+                f"most breaker_window ({self.breaker_window}), else the breaker never trips"
+            )
+        return self
 
     def resolved_isolation(self) -> Isolation:
         """``isolation`` when the config sets it, else the one the env's manifest names (read

@@ -220,6 +220,10 @@ class EnvPool:
         """Worker process ids (for tests and monitoring)."""
         return [w.pid for w in self.workers]
 
+    def pid(self) -> int:
+        """This pool's own process id (a Ray actor's, for tests and monitoring)."""
+        return os.getpid()
+
     # -- scoring -----------------------------------------------------------------------------
     def score(self, items: Sequence[Item]) -> list[RewardResult]:
         """One result per item, in order; see the module doc for what can go wrong."""

@@ -4,16 +4,27 @@ Both scorers answer ``score(env, items) -> list[RewardResult]``, one result per
 item in order. ``LocalScorer`` runs one ``EnvPool`` per env in the caller's
 process (single-node runs, the CLI). ``RayScorer`` runs each env's pool as
 ``replicas`` Ray actors on the trainer nodes' CPUs (``trainer_node`` resource);
-items are split across an env's replicas, and the share of a replica that dies
-is re-sent to another, so no item is lost. ``metrics()`` is what a run can log per
-step: the pools' counters (restarts, errors by kind), replicas alive and lost, items
-re-sent.
+items are split across an env's replicas. A replica that dies, or hangs past its
+deadline (``RayScorer.deadline_s``) and is killed, is replaced by a fresh actor (at
+most ``EnvSpec.max_restarts`` times per env, after a backoff) and its share is
+re-sent, so every item gets exactly one result. Only an env with no replica left
+and no restart left fails ``score``.
+
+Both scorers keep a circuit breaker per env (``Breaker``): too many errors among
+its latest results, or too many pool actor restarts in ten minutes, quarantine the
+env (``quarantined()``); its items are still scored when asked, the caller stops
+drawing its prompts. ``metrics()`` is what a run can log per step: the pools'
+counters (restarts, errors by kind), replicas alive, lost and restarted, items
+re-sent, quarantined envs.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +35,16 @@ from reward_envs.pool import EnvPool
 from reward_envs.protocol import Item, RewardResult
 
 TRAINER_RESOURCE = "trainer_node"
+
+RESTART_WINDOW_S = 600.0
+"""Pool actor restarts this recent count toward quarantine and the restart backoff."""
+MAX_BACKOFF_S = 10.0
+"""Longest wait before a pool actor restart."""
+HANG_MARGIN_S = 30.0
+"""Deadline margin when ``EnvSpec.hang_timeout_s`` is None."""
+STARTUP_S = 150.0
+"""Extra deadline of a replica that has not answered yet: its workers get 120 s to say
+hello (``EnvPool``), and Ray some time to place the actor."""
 
 
 def pool_metrics(env: str, counters: Iterable[dict[str, int]]) -> dict[str, float]:
@@ -42,10 +63,94 @@ def prepare_spec(spec: EnvSpec) -> tuple[Manifest, BuiltEnv]:
     return load_manifest(spec.path), prepare(spec.path, spec.resolved_isolation())
 
 
-class LocalScorer:
+class Breaker:
+    """One env's circuit breaker: its last ``breaker_window`` item results (an item's final
+    result, after the pool's own retries) and its pool actor restarts of the last ten minutes.
+
+    It trips when at least ``breaker_min_items`` results are known and more than
+    ``breaker_error_rate`` of them are errors, or when ``max_restarts`` (at least one)
+    restarts fall within ``RESTART_WINDOW_S``. Once tripped it stays tripped (``reason``):
+    the run stops drawing the env's prompts, so no new result could clear it; removing and
+    re-adding the env resets it."""
+
+    def __init__(self, spec: EnvSpec) -> None:
+        self.spec = spec
+        self.outcomes: deque[str | None] = deque(maxlen=spec.breaker_window)
+        """The error kind of each recent result, None for a score."""
+        self.restarts: deque[float] = deque()
+        """``time.monotonic()`` of each pool actor restart in the last ten minutes."""
+        self.reason: str | None = None
+        """Why the env is quarantined (a sentence with the numbers); None while it is not."""
+
+    def record(self, results: Iterable[RewardResult]) -> None:
+        self.outcomes.extend(
+            (r.error_kind or "error") if r.error is not None else None for r in results
+        )
+        self._check()
+
+    def restarted(self) -> None:
+        self.restarts.append(time.monotonic())
+        self._check()
+
+    def recent_restarts(self) -> int:
+        """Pool actor restarts in the last ``RESTART_WINDOW_S``."""
+        while self.restarts and time.monotonic() - self.restarts[0] > RESTART_WINDOW_S:
+            self.restarts.popleft()
+        return len(self.restarts)
+
+    def _check(self) -> None:
+        if self.reason is not None:
+            return
+        spec, name = self.spec, repr(self.spec.name)
+        kinds = Counter(k for k in self.outcomes if k is not None)
+        n, bad = len(self.outcomes), sum(kinds.values())
+        if n >= spec.breaker_min_items and bad > spec.breaker_error_rate * n:
+            by_kind = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
+            self.reason = f"env {name} quarantined: {bad} of its last {n} items errored ({by_kind})"
+        elif spec.max_restarts and (recent := self.recent_restarts()) >= spec.max_restarts:
+            self.reason = (
+                f"env {name} quarantined: its pool actors were restarted {recent} times in the "
+                f"last {RESTART_WINDOW_S / 60:.0f} minutes (EnvSpec.max_restarts = "
+                f"{spec.max_restarts}); see its worker logs"
+            )
+
+
+class _Health:
+    """What both scorers share: a breaker per env, and the run totals of ``metrics()``."""
+
+    def __init__(self) -> None:
+        self.breakers: dict[str, Breaker] = {}
+        self._removed_worker_restarts = 0.0
+        """Worker restarts of the pools of envs removed during the run (run totals)."""
+
+    def quarantined(self) -> dict[str, str]:
+        """Env -> why it is quarantined (see ``Breaker``), for each quarantined env. The
+        caller stops drawing its prompts; its items are still scored when asked."""
+        return {env: b.reason for env, b in self.breakers.items() if b.reason is not None}
+
+    def _totals(
+        self, per_env: dict[str, float], pool_restarts: int, rescored: int
+    ) -> dict[str, float]:
+        """``per_env`` (``pool_metrics`` of every env) plus ``envs/<env>/quarantined`` and
+        the run totals ``restarts/pool``, ``restarts/worker``, ``items_rescored`` and
+        ``envs_quarantined``."""
+        out = dict(per_env)
+        for env, b in self.breakers.items():
+            out[f"envs/{env}/quarantined"] = float(b.reason is not None)
+        out["restarts/pool"] = float(pool_restarts)
+        out["restarts/worker"] = self._removed_worker_restarts + sum(
+            per_env.get(f"envs/{env}/restarts", 0.0) for env in self.breakers
+        )
+        out["items_rescored"] = float(rescored)
+        out["envs_quarantined"] = float(len(self.quarantined()))
+        return out
+
+
+class LocalScorer(_Health):
     """One pool per env in this process."""
 
     def __init__(self, specs: Sequence[EnvSpec], log_dir: Path | None = None) -> None:
+        super().__init__()
         self.pools: dict[str, EnvPool] = {}
         self.log_dir = log_dir
         try:
@@ -63,33 +168,65 @@ class LocalScorer:
         self.pools[spec.name] = EnvPool(
             manifest, built, spec.workers, spec.timeout_s, log_dir=self.log_dir
         )
+        self.breakers[spec.name] = Breaker(spec)
 
     def remove(self, env: str) -> None:
         """Stop an env's pool (nothing of it may be in flight: the run drains it first)."""
-        self.pools.pop(env).close()
+        pool = self.pools.pop(env)
+        self._removed_worker_restarts += pool.stats["restarts"]
+        del self.breakers[env]
+        pool.close()
 
     def score(self, env: str, items: Sequence[Item]) -> list[RewardResult]:
         if env not in self.pools:
             raise KeyError(f"no env named {env!r}; this run has {sorted(self.pools)}")
-        return self.pools[env].score(items)
+        results = self.pools[env].score(items)
+        self.breakers[env].record(results)
+        return results
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: p.counters() for name, p in self.pools.items()}
 
     def metrics(self) -> dict[str, float]:
-        """Each pool's counters as step metrics (``pool_metrics``)."""
+        """Each pool's counters as step metrics (``pool_metrics``), ``envs/<env>/quarantined``
+        and the run totals ``restarts/worker`` and ``envs_quarantined``; ``restarts/pool`` and
+        ``items_rescored`` are 0 (no actors here)."""
         out: dict[str, float] = {}
         for name, p in self.pools.items():
             out.update(pool_metrics(name, [p.counters()]))
-        return out
+        return self._totals(out, pool_restarts=0, rescored=0)
 
     def close(self) -> None:
         for p in self.pools.values():
             p.close()
 
 
-class RayScorer:
-    """``replicas`` pool actors per env on trainer-node CPUs."""
+@dataclass
+class _Replicas:
+    """What ``RayScorer`` needs to start one more pool actor of an env, and the ones it runs."""
+
+    spec: EnvSpec
+    manifest: Manifest
+    built: BuiltEnv
+    actor: Any
+    """``EnvPool`` as a Ray actor class (resources set)."""
+    fresh: set[Any] = field(default_factory=set)
+    """Replicas started in place of dead ones that have not answered yet (their deadline
+    includes ``STARTUP_S``)."""
+    last_failure: str = ""
+    """How the last replica that was lost failed (for the error when none is left)."""
+
+    @property
+    def workers(self) -> int:
+        return max(1, min(self.spec.workers, self.manifest.concurrency))
+
+    @property
+    def timeout_s(self) -> float:
+        return self.spec.timeout_s or self.manifest.timeout_s
+
+
+class RayScorer(_Health):
+    """``replicas`` pool actors per env on trainer-node CPUs, restarted when they die or hang."""
 
     def __init__(self, specs: Sequence[EnvSpec], log_dir: Path | None = None) -> None:
         import ray
@@ -100,12 +237,16 @@ class RayScorer:
                 f"nowhere to run; start trainer nodes with `ray start ... --resources "
                 f"'{{\"{TRAINER_RESOURCE}\": 1}}'` (the SLURM launcher does)"
             )
+        super().__init__()
         self.replicas: dict[str, list[Any]] = {}
         self.log_dir = log_dir
         self.lost: Counter[str] = Counter()
-        """Replicas of each env that died (their items went to the others)."""
+        """Replicas of each env that died or hung (their items went to the others)."""
         self.resent: Counter[str] = Counter()
-        """Items of each env re-sent to another replica because theirs died."""
+        """Items of each env re-sent to another replica because theirs died or hung."""
+        self.restarted: Counter[str] = Counter()
+        """Pool actors of each env started in place of lost ones (at most ``max_restarts``)."""
+        self._envs: dict[str, _Replicas] = {}
         self._counters: dict[str, dict[Any, dict[str, int]]] = {}
         """env -> replica handle -> its pool's counters as of its last answer (kept after
         it dies, so totals never go down)."""
@@ -128,31 +269,57 @@ class RayScorer:
             num_cpus=min(spec.workers, manifest.concurrency),
             resources={TRAINER_RESOURCE: 1e-3},
         )(EnvPool)
-        handles: list[Any] = [
-            actor.remote(manifest, built, spec.workers, spec.timeout_s, self.log_dir)
-            for _ in range(spec.replicas)
-        ]
+        env = _Replicas(spec, manifest, built, actor)
+        handles = [self._start(env) for _ in range(spec.replicas)]
         try:
             ray.get([h.pids.remote() for h in handles])
         except BaseException:
             for h in handles:
                 ray.kill(h)
             raise
+        self._envs[spec.name] = env
         self.replicas[spec.name] = handles
         self._counters[spec.name] = {}
+        self.breakers[spec.name] = Breaker(spec)
+
+    def _start(self, env: _Replicas) -> Any:
+        spec = env.spec
+        return env.actor.remote(env.manifest, env.built, spec.workers, spec.timeout_s, self.log_dir)
 
     def remove(self, env: str) -> None:
         """Stop an env's pool actors (nothing of it may be in flight: the run drains it
-        first); its counters are dropped with it."""
+        first); its counters are dropped with it (its worker restarts stay in the run
+        totals)."""
         import ray
 
         handles = self.replicas.pop(env)
         self._close(handles)
         for h in handles:
             ray.kill(h)
-        self._counters.pop(env, None)
+        self._removed_worker_restarts += sum(
+            c.get("restarts", 0) for c in self._counters.pop(env, {}).values()
+        )
+        self._envs.pop(env, None)
+        self.breakers.pop(env, None)
+
+    def deadline_s(self, env: str, replica: Any, n: int) -> float:
+        """Seconds ``replica`` of ``env`` gets to answer a share of ``n`` items before it is
+        deemed hung: ``hang_timeout_s`` (None: ``HANG_MARGIN_S``) + 2 x ``timeout_s`` x
+        ceil(n / workers), plus ``STARTUP_S`` for a replica that has not answered yet. Each
+        worker scores ceil(n / workers) items one after the other, each within ``timeout_s``
+        or killed; the factor 2 covers the pool's own retries (a crashed item is retried
+        once, a timed-out batch item by item) and worker restarts, the margin Ray's round
+        trip and a busy node."""
+        e = self._envs[env]
+        margin = e.spec.hang_timeout_s if e.spec.hang_timeout_s is not None else HANG_MARGIN_S
+        work = 2 * e.timeout_s * math.ceil(n / e.workers)
+        return margin + work + (STARTUP_S if replica in e.fresh else 0.0)
 
     def score(self, env: str, items: Sequence[Item]) -> list[RewardResult]:
+        """One result per item, in order. Items are split over the env's idle replicas; the
+        share of a replica that dies, or misses its deadline (``deadline_s``) and is killed,
+        is re-sent to the fresh replica started in its place or to the others, so each item
+        is scored exactly once. Raises only when no replica and no restart is left."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
@@ -160,30 +327,80 @@ class RayScorer:
             raise KeyError(f"no env named {env!r}; this run has {sorted(self.replicas)}")
         results: dict[int, RewardResult] = {}
         todo = list(range(len(items)))
-        while todo:
-            live = self.replicas[env]
-            if not live:
-                raise RuntimeError(f"every pool actor of env {env!r} died; {len(todo)} unscored")
-            shares = [todo[i :: len(live)] for i in range(len(live))]
-            refs = {
-                h.score_counted.remote([items[i] for i in share]): (h, share)
-                for h, share in zip(live, shares, strict=True)
-                if share
-            }
-            todo = []
-            for ref, (h, share) in refs.items():
+        # ref -> (replica, its share, deadline); one share in flight per replica
+        pending: dict[Any, tuple[Any, list[int], float]] = {}
+        while todo or pending:
+            busy = {h for h, _, _ in pending.values()}
+            idle = [h for h in self.replicas[env] if h not in busy]
+            if todo and idle:
+                now = time.monotonic()
+                for i, h in enumerate(idle):
+                    share = todo[i :: len(idle)]
+                    if share:
+                        ref = h.score_counted.remote([items[j] for j in share])
+                        pending[ref] = (h, share, now + self.deadline_s(env, h, len(share)))
+                todo = []
+            elif todo and not pending:
+                raise RuntimeError(self._exhausted(env, len(todo)))
+            wait = min(d for _, _, d in pending.values()) - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, wait))
+            for ref in ready:
+                h, share, _ = pending.pop(ref)
                 try:
                     scored, counters = ray.get(ref)
-                except (ActorDiedError, ActorUnavailableError):
-                    if h in self.replicas[env]:
-                        self.replicas[env].remove(h)
-                        self.lost[env] += 1
+                except (ActorDiedError, ActorUnavailableError) as e:
+                    self._replace(env, h, f"{type(e).__name__}: {e}")
                     self.resent[env] += len(share)
-                    todo += share  # re-sent to the replicas left
+                    todo += share
                     continue
+                self._envs[env].fresh.discard(h)
                 results.update(zip(share, scored, strict=True))
                 self._counters[env][h] = counters
-        return [results[i] for i in range(len(items))]
+            now = time.monotonic()
+            for ref, (h, share, deadline) in list(pending.items()):
+                if now > deadline:
+                    del pending[ref]
+                    secs = self.deadline_s(env, h, len(share))
+                    self._replace(env, h, f"hung: no answer for {len(share)} items in {secs:g} s")
+                    self.resent[env] += len(share)
+                    todo += share
+        out = [results[i] for i in range(len(items))]
+        self.breakers[env].record(out)
+        return out
+
+    def _replace(self, env: str, replica: Any, why: str) -> None:
+        """Kill a dead or hung replica and start a fresh one in its place, after a backoff,
+        while ``max_restarts`` allows."""
+        import ray
+
+        e = self._envs[env]
+        ray.kill(replica, no_restart=True)
+        e.last_failure = why
+        e.fresh.discard(replica)
+        if replica not in self.replicas[env]:
+            return
+        self.replicas[env].remove(replica)
+        self.lost[env] += 1
+        if self.restarted[env] >= e.spec.max_restarts:
+            return
+        breaker = self.breakers[env]
+        time.sleep(min(MAX_BACKOFF_S, e.spec.restart_backoff_s * 2 ** breaker.recent_restarts()))
+        fresh = self._start(e)
+        e.fresh.add(fresh)
+        self.replicas[env].append(fresh)
+        self.restarted[env] += 1
+        breaker.restarted()
+
+    def _exhausted(self, env: str, unscored: int) -> str:
+        e = self._envs[env]
+        failure = e.last_failure if len(e.last_failure) < 600 else e.last_failure[:600] + "..."
+        return (
+            f"every pool actor of env {env!r} died or hung and its restarts are used up "
+            f"(EnvSpec.max_restarts = {e.spec.max_restarts}, {self.restarted[env]} made); "
+            f"{unscored} items unscored. Last failure: {failure}. See the env's worker logs "
+            f"in {self.log_dir or '(no log dir set)'} and the Ray logs of its pool actors; "
+            f"raise max_restarts in the env's [[envs]] entry if the failures are transient"
+        )
 
     def stats(self) -> dict[str, list[dict[str, int]]]:
         import ray
@@ -195,19 +412,25 @@ class RayScorer:
     def metrics(self) -> dict[str, float]:
         """Per env: the pools' counters summed over every replica as of its last answer, a
         dead replica's included (``pool_metrics``); ``envs/<env>/replicas_alive``,
-        ``replicas_lost`` and ``resent`` (items re-sent because their replica died). Asks no
-        actor: free to call every step."""
+        ``replicas_lost`` (died or hung), ``replicas_restarted``, ``resent`` (items re-sent
+        because their replica died or hung) and ``quarantined`` (0/1). Run totals, all envs:
+        ``restarts/pool``, ``restarts/worker``, ``items_rescored``, ``envs_quarantined``.
+        Asks no actor: free to call every step."""
         out: dict[str, float] = {}
         for env, live in self.replicas.items():
             out.update(pool_metrics(env, self._counters[env].values()))
             out[f"envs/{env}/replicas_alive"] = float(len(live))
             out[f"envs/{env}/replicas_lost"] = float(self.lost[env])
+            out[f"envs/{env}/replicas_restarted"] = float(self.restarted[env])
             out[f"envs/{env}/resent"] = float(self.resent[env])
-        return out
+        return self._totals(
+            out, pool_restarts=sum(self.restarted.values()), rescored=sum(self.resent.values())
+        )
 
     def close(self) -> None:
         """Stop every live replica's workers (a replica that died since its last call is
-        skipped: its workers see their pipes close and exit)."""
+        skipped: its workers see their pipes close and exit; one that does not answer within
+        ``HANG_MARGIN_S`` is killed)."""
         self._close([h for hs in self.replicas.values() for h in hs])
 
     @staticmethod
@@ -215,8 +438,14 @@ class RayScorer:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-        for ref in [h.close.remote() for h in handles]:
+        refs = {h.close.remote(): h for h in handles}
+        if not refs:
+            return
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=HANG_MARGIN_S)
+        for ref in done:
             try:
                 ray.get(ref)
             except (ActorDiedError, ActorUnavailableError):
                 pass
+        for ref in late:
+            ray.kill(refs[ref], no_restart=True)

@@ -337,9 +337,10 @@ def test_kills_mid_run_lose_and_double_count_nothing(ray_cluster, record, tmp_pa
     assert rec.env_metrics[0]["envs/faulty/restarts"] == 0
     assert envs["envs/faulty/restarts"] >= 1
     assert envs["envs/faulty/errors"] == 0
-    # the pool actor: its share went to the replica left
-    assert envs["envs/faulty/replicas_alive"] == 1
+    # the pool actor: replaced by a fresh one, its share re-sent
+    assert envs["envs/faulty/replicas_alive"] == 2
     assert envs["envs/faulty/replicas_lost"] == 1
+    assert envs["envs/faulty/replicas_restarted"] == 1 and envs["restarts/pool"] == 1
     assert envs["envs/faulty/resent"] > 0
     # the engine: died holding requests, which the other engine served
     router = rec.router

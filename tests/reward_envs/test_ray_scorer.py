@@ -58,5 +58,7 @@ def test_a_dead_replica_loses_no_item(ray_token, tmp_path):
     killer.join()
     assert len(results) == 200 and all(r.score == 1.0 for r in results)
     assert time.monotonic() - t0 > 0.3, "the replica died before scoring started"
-    assert len(scorer.replicas["chaos"]) == 1
+    # the dead replica was replaced by a fresh one (EnvSpec.max_restarts)
+    assert len(scorer.replicas["chaos"]) == 2 and victim not in scorer.replicas["chaos"]
+    assert scorer.metrics()["restarts/pool"] == 1
     scorer.close()
