@@ -69,11 +69,17 @@ def rollout(
     tok: Any,
     cache: dict[str, list[int]],
 ) -> Rollout:
-    """Generate ``sampling.n`` completions per prompt, then score each with its env."""
-    requests = [
-        GenerateRequest(request_id=p.id, sampling=sampling, prompt_ids=tokenize(tok, p, cache))
-        for p in prompts
-    ]
+    """Generate ``sampling.n`` completions per prompt, then score each with its env. A prompt
+    drawn twice for one step (a dataset smaller than its share of the step) is two groups:
+    its second request is ``<id>#2``."""
+    seen: Counter[str] = Counter()
+    requests = []
+    for p in prompts:
+        seen[p.id] += 1
+        rid = p.id if seen[p.id] == 1 else f"{p.id}#{seen[p.id]}"
+        requests.append(
+            GenerateRequest(request_id=rid, sampling=sampling, prompt_ids=tokenize(tok, p, cache))
+        )
     t0 = time.perf_counter()
     results = engines.generate(requests)
     t1 = time.perf_counter()
@@ -157,7 +163,7 @@ def build_batch(
             if c.token_ids:
                 samples.append(
                     TrainSample(
-                        sample_id=f"{prompt.id}/{i}",
+                        sample_id=f"{request.request_id}/{i}",
                         prompt_ids=request.prompt_ids,
                         completion_ids=c.token_ids,
                         advantage=float(adv.values[0, i]),

@@ -129,13 +129,17 @@ class PromptSampler:
             return p
         return Prompt(p.id, p.text, p.env, p.fields, source.ids[row])
 
-    def _pop(self, s: int) -> int:
-        """The next row of dataset ``s`` in its epoch's order (a new epoch when it is done)."""
+    def _pop(self, s: int, taken: set[int] | frozenset[int] = frozenset()) -> int:
+        """The next row of dataset ``s`` in its epoch's order (a new epoch when it is done).
+        A new epoch puts the rows in ``taken`` (drawn for the same batch) last, so a batch
+        crossing an epoch boundary repeats a prompt only when the dataset has fewer rows
+        than the batch draws from it."""
         source = self.sources[s]
         if not source.order:
             order = list(range(len(source.prompts)))
             self.rng.shuffle(order)
-            source.order = order
+            # popped from the end: the rows taken already go to the front
+            source.order = [r for r in order if r in taken] + [r for r in order if r not in taken]
         return source.order.pop()
 
     def _live(self) -> list[int]:
@@ -154,7 +158,10 @@ class PromptSampler:
             raise ValueError("every dataset was removed from the prompt mixture; add one first")
         weights = [self.sources[i].spec.weight for i in live]
         picks = self.rng.choices(live, weights=weights, k=n - len(head)) if live else []
-        drawn = [(s, self._pop(s)) for s in picks]
+        drawn = [self.by_id[p.id] for p in head]
+        for s in picks:
+            drawn.append((s, self._pop(s, {row for t, row in drawn if t == s})))
+        drawn = drawn[len(head) :]
         if self.max_prompt_tokens is None:
             return head + [self._prompt(s, row) for s, row in drawn]
         return head + self._fitting(drawn, replace=True)

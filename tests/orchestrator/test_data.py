@@ -121,13 +121,27 @@ def test_one_dataset_draws_exactly_as_before(tmp_path):
     rng, order, expected = random.Random(3), [], []
     for _ in range(30):
         picks = rng.choices(range(1), weights=[1.0], k=4)
+        batch: list[int] = []
         for _ in picks:
-            if not order:
+            if not order:  # a new epoch: this batch's rows are drawn last
                 order = list(range(len(rows)))
                 rng.shuffle(order)
-            expected.append(rows[order.pop()]["id"])
+                order = [r for r in order if r in batch] + [r for r in order if r not in batch]
+            batch.append(order.pop())
+        expected += [rows[r]["id"] for r in batch]
     sampler = PromptSampler([spec], seed=3)
     assert [p.id for _ in range(30) for p in sampler.sample(4)] == expected
+
+
+def test_a_batch_across_an_epoch_boundary_repeats_no_prompt(tmp_path):
+    """5 rows, batches of 4: most batches cross an epoch boundary, none repeats a prompt
+    (a step would train two groups of one prompt); every epoch still draws every row once."""
+    spec = DatasetSpec(path=write_jsonl(tmp_path / "a.jsonl", arith_rows(5)), env="arith")
+    sampler = PromptSampler([spec], seed=0)
+    drawn = [[p.id for p in sampler.sample(4)] for _ in range(25)]
+    assert all(len(set(b)) == 4 for b in drawn)
+    flat = [i for b in drawn for i in b]
+    assert all(sorted(flat[e : e + 5]) == [f"a{i}" for i in range(5)] for e in range(0, 100, 5))
 
 
 def test_state_from_before_mixtures_restores(two_sets):
@@ -328,3 +342,38 @@ def test_caravela_data_prepare_cli(small_run, capsys):
     bad = ["data", "prepare", "--set", "datasets=[{path='/nope.jsonl', env='arith'}]"]
     assert main(bad) == 1
     assert "nope.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_prompt_drawn_twice_for_one_step_is_two_groups(tmp_path):
+    """A dataset smaller than its share of a step gives a prompt twice: the engines get two
+    distinct requests (``<id>`` and ``<id>#2``) and the batch two groups whose samples have
+    distinct ids (the run used to fail: request ids must be unique)."""
+    from orchestrator.loop import load_policy
+    from orchestrator.parts import local_parts
+    from orchestrator.rollout import build_batch, rollout, sampling_params
+
+    cfg = load_config(
+        overrides=[
+            f"output_dir='{tmp_path}'",
+            "cluster.mode='local'",
+            "inference.backend={type='transformers'}",
+            "inference.weight_sync='object_store'",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=8",
+            "advantage.drop_zero_variance=false",
+        ]
+    )
+    _, tok = load_policy(cfg)
+    p, q = PromptSampler(cfg.datasets, cfg.seed).sample(2)
+    parts = local_parts(cfg, tok)
+    try:
+        r = rollout(parts.engines, parts.scorer, sampling_params(cfg), [p, q, p], tok, {})
+    finally:
+        parts.close()
+    assert [res.request_id for res in r.results] == [p.id, q.id, f"{p.id}#2"]
+    assert all(len(g) == 4 and all(s.error is None for s in g) for g in r.scores)
+    batch, stats = build_batch(0, r, cfg)
+    assert stats["items_scored"] == 12
+    assert batch is not None
+    ids = [s.sample_id for s in batch.samples]
+    assert len(ids) == len(set(ids)) == 12
