@@ -142,7 +142,7 @@ def build_batch(
     samples: list[TrainSample] = []
     rewards, errors, kept, zero_var = [], 0, 0, 0
     by_kind: Counter[str] = Counter()
-    for prompt, request, result, group in zip(
+    for _prompt, request, result, group in zip(
         r.prompts, r.requests, r.results, r.scores, strict=True
     ):
         if any(s.score is None for s in group):
