@@ -111,15 +111,59 @@ def start_local_engines(
     return engines
 
 
-def start_engines(
+class EngineSpawner:
+    """Starts engine actors by id, each time with the same actor class, options and
+    constructor arguments: ``start`` starts them all, the router one again after its actor
+    died or hung (``spawn``)."""
+
+    def __init__(
+        self,
+        actor: Any,
+        model_dir: Path,
+        kwargs: dict[str, dict[str, Any]],
+        timeout_s: float,
+        hint: str,
+    ) -> None:
+        self.actor = actor
+        """The engine class as a Ray actor class, with its options."""
+        self.model_dir = Path(model_dir)
+        self.kwargs = kwargs
+        """Engine id -> constructor keywords after ``model_dir``."""
+        self.timeout_s = timeout_s
+        """Seconds an engine may take to start."""
+        self.hint = hint
+        """What a late engine may lack, for the error."""
+
+    def spawn(self, engine_id: str) -> Any:
+        """A new actor for ``engine_id``, returned at once: it is ready when a call to it
+        (``inflight``) answers."""
+        return self.actor.remote(self.model_dir, **self.kwargs[engine_id])
+
+    def start(self) -> dict[str, Any]:
+        """Every engine, started together; id -> handle once all are ready."""
+        import ray
+
+        handles = {eid: self.spawn(eid) for eid in self.kwargs}
+        waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
+        ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=self.timeout_s)
+        late = sorted(waiting[r] for r in set(waiting) - set(ready))
+        if late:
+            raise PlacementError(
+                f"engines {late} did not start within {self.timeout_s:.0f} s; {self.hint}"
+            )
+        ray.get(ready)  # an engine whose constructor failed raises here, with its error
+        return handles
+
+
+def engine_spawner(
     backend: InferenceBackend,
     model_dir: Path,
     dtype: str = "float32",
     seed: int = 0,
     max_model_len: int | None = None,
     timeout_s: float = 600.0,
-) -> dict[str, Any]:
-    """Start ``engines_per_node`` engines on every inference node; returns id -> handle."""
+) -> EngineSpawner:
+    """What starts ``engines_per_node`` engines on every inference node (none started yet)."""
     import ray
 
     nodes = inference_nodes()
@@ -141,19 +185,21 @@ def start_engines(
         "resources": {INFERENCE_RESOURCE: 1.0 / per},
         "max_concurrency": ACTOR_CONCURRENCY,
     }
-    actor: Any = ray.remote(**opts)(cls)
-    handles = {
-        eid: actor.remote(Path(model_dir), **kwargs)
-        for eid, kwargs in engine_args(backend, dtype, seed, len(nodes) * per, max_model_len)
-    }
-    waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
-    ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout_s)
-    late = sorted(waiting[r] for r in set(waiting) - set(ready))
-    if late:
-        raise PlacementError(
-            f"engines {late} did not start within {timeout_s:.0f} s; check that each "
-            f"inference node has {backend.cpus_per_engine * per:g} free CPUs"
-            + (f" and {gpus_per_engine * per} GPUs" if gpus else "")
-        )
-    ray.get(ready)  # an engine whose constructor failed raises here, with its error
-    return handles
+    args = engine_args(backend, dtype, seed, len(nodes) * per, max_model_len)
+    hint = f"check that each inference node has {backend.cpus_per_engine * per:g} free CPUs" + (
+        f" and {gpus_per_engine * per} GPUs" if gpus else ""
+    )
+    return EngineSpawner(ray.remote(**opts)(cls), model_dir, dict(args), timeout_s, hint)
+
+
+def start_engines(
+    backend: InferenceBackend,
+    model_dir: Path,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_model_len: int | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Start ``engines_per_node`` engines on every inference node; returns id -> handle
+    (``engine_spawner(...).start()``; keep the spawner to let the router restart engines)."""
+    return engine_spawner(backend, model_dir, dtype, seed, max_model_len, timeout_s).start()

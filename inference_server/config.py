@@ -139,6 +139,28 @@ class InferenceConfig(StrictModel):
     the engines serve (``trainer.dtype``): 1e-3 for float32, 0.1 for bfloat16
     (``inference_server.weights.PROBE_TOLERANCE``, with what was measured)."""
 
+    max_restarts: int = Field(3, ge=0)
+    """Times one engine is started again after its actor died or hung (same id, same
+    arguments; it gets the trainer's current weights before it serves). Past it the engine is
+    retired; the run stops when every engine is retired."""
+    restart_backoff_s: float = Field(2.0, ge=0.0)
+    """Wait before an engine's first restart; doubled at each further restart of the same
+    engine, at most 60 s."""
+    hang_timeout_s: float = Field(60.0, gt=0.0)
+    """The least time an engine gets for its generate work before it counts as hung (and is
+    killed, its requests sent elsewhere, and restarted)."""
+    hang_factor: float = Field(4.0, ge=1.0)
+    """An engine counts as hung once its outstanding work takes this many times longer than
+    its measured tokens per second predict (never sooner than ``hang_timeout_s``)."""
+    first_generate_timeout_s: float = Field(600.0, gt=0.0)
+    """Time an engine gets for generate work before its speed has been measured (its first
+    call; compilation and warm-up included)."""
+    heartbeat_s: float = Field(10.0, gt=0.0)
+    """While an engine generates, it is sent a cheap call this often."""
+    heartbeat_timeout_s: float = Field(30.0, gt=0.0)
+    """An engine that leaves a heartbeat unanswered this long counts as hung (a stopped or
+    wedged process), whatever its generate deadline."""
+
     @field_validator("backend", mode="before")
     @classmethod
     def _backend_type_defaults_to_auto(cls, v: object) -> object:

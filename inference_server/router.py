@@ -8,23 +8,30 @@ The router is a plain object in the driver holding Ray actor handles. Each
 request goes to the live engine with the least outstanding work (sampled
 tokens it may still produce: ``n * max_tokens`` summed over its requests in
 flight); the requests an engine gets from one call travel together, so it can
-batch them. When an engine dies, every request it held is re-queued on the others,
-so a request is answered exactly once or the call raises naming the requests
-left unserved. Weight updates are put in Ray's object store once, as numpy
-arrays (read zero-copy on the same node; bench/results/weight_transport.md), and
-fetched by every engine from there; the logprob probe then checks them.
+batch them. When an engine dies, or hangs (misses the deadline its measured speed
+gives its work, or a heartbeat), it is killed, every request it held is re-queued on
+the others, and it is started again with the trainer's current weights, at most
+``inference.max_restarts`` times; so a request is answered exactly once or the call
+raises naming the requests left unserved. Weight updates are put in Ray's object
+store once, as numpy arrays (read zero-copy on the same node;
+bench/results/weight_transport.md), and fetched by every engine from there; the
+logprob probe then checks them.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from common.transfer import TensorMeta
 from common.weights import HostState
+from inference_server.actors import EngineSpawner
+from inference_server.config import InferenceConfig
 from inference_server.protocol import GenerateRequest, GenerateResult
 
 
@@ -41,9 +48,11 @@ def sync_metrics(t0: float, per_engine: list[Mapping[str, float]]) -> dict[str, 
         "weight_sync/seconds": time.perf_counter() - t0,
         "weight_sync/engines": float(len(per_engine)),
         "weight_sync/pause_seconds": max(
-            m.get("weight_sync/pause_seconds", 0.0) for m in per_engine
+            (m.get("weight_sync/pause_seconds", 0.0) for m in per_engine), default=0.0
         ),
-        "weight_sync/buckets": max(m.get("weight_sync/buckets", 0.0) for m in per_engine),
+        "weight_sync/buckets": max(
+            (m.get("weight_sync/buckets", 0.0) for m in per_engine), default=0.0
+        ),
     }
 
 
@@ -60,84 +69,308 @@ def _work(r: GenerateRequest) -> int:
     return r.sampling.n * r.sampling.max_tokens
 
 
-class EngineRouter:
-    """Least-outstanding-work dispatch over engine actors, with re-queue on engine death."""
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
-    def __init__(self, engines: Mapping[str, Any]) -> None:
+
+MAX_BACKOFF_S = 60.0
+"""Longest wait before restarting an engine (``inference.restart_backoff_s`` doubles)."""
+TPS_EMA = 0.3
+"""Weight of the newest measurement in an engine's tokens-per-second average."""
+
+
+@dataclass
+class _Restart:
+    """An engine between its actor's end and its replacement entering service."""
+
+    not_before: float
+    """Monotonic time its replacement may be started (the backoff)."""
+    handle: Any = None
+    """The replacement, once started."""
+    ready: Any = None
+    """Ref of the replacement's first call: it is ready when this resolves."""
+    started: float = 0.0
+
+
+@dataclass
+class _Chunk:
+    """Requests sent to one engine in one call."""
+
+    engine_id: str
+    requests: list[GenerateRequest]
+    sent: float
+
+
+class EngineRouter:
+    """Least-outstanding-work dispatch over engine actors; an engine that dies or hangs is
+    killed, its requests re-queued on the others, and started again (``spawner``) up to
+    ``config.max_restarts`` times.
+
+    ``restore(engine_id, handle)``, when set, gives a replacement the trainer's current
+    weights; the replacement enters service only after it returned. ``membership`` counts
+    the changes of the set of serving engine actors (one left service, or a replacement
+    entered): a weight-push group formed before a change must be formed again.
+    Replacements start and enter service while the router is called (``generate``,
+    ``poll``; the weight calls start them but let none in, so a push never meets a member
+    that did not join its group)."""
+
+    def __init__(
+        self,
+        engines: Mapping[str, Any],
+        spawner: EngineSpawner | None = None,
+        config: InferenceConfig | None = None,
+    ) -> None:
         if not engines:
             raise ValueError("a router needs at least one engine")
         self.engines = dict(engines)
+        """Engine id -> the actor serving it (the last one that entered service)."""
+        self.spawner = spawner
+        """Starts an engine again; None: a lost engine is retired at once."""
+        self.config = config or InferenceConfig()
         self.outstanding = dict.fromkeys(self.engines, 0)
         self.dead: dict[str, str] = {}
-        """Engine id -> why it was taken out of service."""
+        """Engine id -> why it was retired for good."""
+        self.restarting: dict[str, _Restart] = {}
+        self.restarts = dict.fromkeys(self.engines, 0)
+        """Engine id -> replacements started for it."""
+        self.lost: dict[str, str] = {}
+        """Engine id -> why its last actor was taken out of service."""
         self.requeued = 0
-        """Requests re-sent to another engine because theirs died."""
+        """Requests re-sent to another engine because theirs died or hung."""
+        self.hangs = 0
+        """Engines found hung (a missed generate deadline or heartbeat)."""
+        self.membership = 0
+        """Changes of the set of serving engine actors (run total)."""
+        self.tokens_per_s: dict[str, float] = {}
+        """Engine id -> sampled tokens per second, averaged over its generate calls."""
+        self.restore: Callable[[str, Any], None] | None = None
+        """Called as ``restore(engine_id, handle)`` with a started replacement before it
+        enters service (``orchestrator.parts`` loads the trainer's current weights)."""
 
     @property
     def alive(self) -> list[str]:
-        return [e for e in self.engines if e not in self.dead]
+        """Engines in service."""
+        return [e for e in self.engines if e not in self.dead and e not in self.restarting]
 
-    def _retire(self, engine_id: str, why: BaseException) -> None:
-        if engine_id not in self.dead:
-            self.dead[engine_id] = f"{type(why).__name__}: {why}".splitlines()[0][:300]
+    def _lose(self, engine_id: str, why: str) -> None:
+        """Kill ``engine_id``'s actor (it died or hung, or its replacement failed); start it
+        again after the backoff, or retire it for good once its restarts are spent."""
+        import ray
+
+        restart = self.restarting.pop(engine_id, None)
+        handle = restart.handle if restart else self.engines[engine_id]
+        if handle is not None:
+            ray.kill(handle, no_restart=True)  # a hung process too: SIGKILL after a grace
+        if not restart:
+            self.membership += 1  # it was serving
+        self.outstanding[engine_id] = 0
+        self.lost[engine_id] = why
+        n = self.restarts[engine_id]
+        if self.spawner is None or n >= self.config.max_restarts:
+            self.dead[engine_id] = why
+            return
+        self.restarts[engine_id] = n + 1
+        backoff = min(MAX_BACKOFF_S, self.config.restart_backoff_s * 2**n)
+        self.restarting[engine_id] = _Restart(not_before=time.monotonic() + backoff)
+
+    def poll(self, admit: bool = True) -> None:
+        """Start the replacements whose backoff is over; with ``admit``, put the ready ones
+        in service after ``restore``. Returns at once."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        now = time.monotonic()
+        for eid, r in list(self.restarting.items()):
+            if r.handle is None:
+                if now >= r.not_before and self.spawner is not None:
+                    r.handle, r.started = self.spawner.spawn(eid), now
+                    r.ready = r.handle.inflight.remote()
+                continue
+            if not admit:
+                continue
+            if not ray.wait([r.ready], timeout=0)[0]:
+                if self.spawner is not None and now - r.started > self.spawner.timeout_s:
+                    self._lose(
+                        eid, f"its replacement did not start within {self.spawner.timeout_s:.0f} s"
+                    )
+                continue
+            try:
+                ray.get(r.ready)
+                if self.restore is not None:
+                    self.restore(eid, r.handle)
+            except (ActorDiedError, ActorUnavailableError) as e:
+                self._lose(eid, _why(e))
+                continue
+            del self.restarting[eid]
+            self.engines[eid] = r.handle
+            self.tokens_per_s.pop(eid, None)  # its first call warms up: the first deadline
+            self.membership += 1
+
+    def _unavailable(self, unserved: Sequence[GenerateRequest] = ()) -> EngineUnavailable:
+        left = (
+            f"; {len(unserved)} requests were not served: {[r.request_id for r in unserved][:10]}"
+            if unserved
+            else ""
+        )
+        return EngineUnavailable(
+            f"all {len(self.engines)} engines are dead ({self.dead}), after "
+            f"{sum(self.restarts.values())} restarts (at most inference.max_restarts = "
+            f"{self.config.max_restarts} per engine"
+            + ("" if self.spawner else "; this router has no spawner to restart engines")
+            + f"){left}"
+        )
+
+    def _allowance(self, engine_id: str) -> float:
+        """Seconds ``engine_id`` gets for its outstanding work before it counts as hung."""
+        c, tps = self.config, self.tokens_per_s.get(engine_id)
+        if tps is None:
+            return c.first_generate_timeout_s
+        return max(c.hang_timeout_s, c.hang_factor * self.outstanding[engine_id] / tps)
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Results in request order, each request served exactly once by some live engine."""
+        """Results in request order, each request served exactly once by some engine. An
+        engine that dies or misses its deadline (its outstanding work at
+        ``inference.hang_factor`` x its measured speed, at least ``hang_timeout_s``) or a
+        heartbeat is killed and its requests re-queued; with no engine in service this waits
+        for a restart."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within one generate() call")
+        cfg = self.config
         pending: deque[GenerateRequest] = deque(requests)
-        inflight: dict[Any, tuple[str, list[GenerateRequest]]] = {}
+        inflight: dict[Any, _Chunk] = {}
+        deadline: dict[str, float] = {}  # engine id -> when its outstanding work is late
+        last_done: dict[str, float] = {}  # engine id -> when it last answered a chunk
+        pings: dict[Any, tuple[str, float]] = {}  # heartbeat ref -> (engine id, sent)
+        next_beat = time.monotonic() + cfg.heartbeat_s
         results: dict[str, GenerateResult] = {}
+
+        def lose(eid: str, why: str) -> None:  # requeue what it held, then restart it
+            for ref, c in list(inflight.items()):
+                if c.engine_id == eid:
+                    del inflight[ref]  # a late answer is never read
+                    pending.extend(c.requests)
+                    self.requeued += len(c.requests)
+            for ref, (e, _) in list(pings.items()):
+                if e == eid:
+                    del pings[ref]
+            deadline.pop(eid, None)
+            self._lose(eid, why)
+
         while pending or inflight:
+            self.poll()
+            now = time.monotonic()
             if pending:  # one call per engine: the engine batches what it gets
                 alive = self.alive
-                if not alive:
-                    unserved = [*pending, *(q for _, rs in inflight.values() for q in rs)]
-                    raise EngineUnavailable(
-                        f"all {len(self.engines)} engines are dead ({self.dead}); "
-                        f"{len(unserved)} requests were not served: "
-                        f"{[r.request_id for r in unserved][:10]}"
+                if not alive and not self.restarting:
+                    raise self._unavailable(
+                        [*pending, *(q for c in inflight.values() for q in c.requests)]
                     )
                 chunks: dict[str, list[GenerateRequest]] = {}
-                while pending:
+                while pending and alive:
                     r = pending.popleft()
                     eid = min(alive, key=lambda e: self.outstanding[e])
                     chunks.setdefault(eid, []).append(r)
                     self.outstanding[eid] += _work(r)
                 for eid, chunk in chunks.items():
-                    inflight[self.engines[eid].generate.remote(chunk)] = (eid, chunk)
-            done, _ = ray.wait(list(inflight), num_returns=1)
+                    ref = self.engines[eid].generate.remote(chunk)
+                    inflight[ref] = _Chunk(eid, chunk, now)
+                    deadline[eid] = max(deadline.get(eid, 0.0), now + self._allowance(eid))
+            if now >= next_beat:  # a cheap call to every busy engine
+                beating = {e for e, _ in pings.values()}
+                for eid in {c.engine_id for c in inflight.values()} - beating:
+                    pings[self.engines[eid].inflight.remote()] = (eid, now)
+                next_beat = now + cfg.heartbeat_s
+            waits = [r.ready for r in self.restarting.values() if r.ready is not None] + [
+                *inflight,
+                *pings,
+            ]
+            wake = min(
+                [next_beat, *deadline.values()]
+                + [t + cfg.heartbeat_timeout_s for _, t in pings.values()]
+                + [r.not_before for r in self.restarting.values() if r.handle is None]
+            )
+            timeout = min(max(0.0, wake - now), cfg.heartbeat_s)
+            if waits:
+                done, _ = ray.wait(waits, num_returns=1, timeout=timeout)
+            else:
+                time.sleep(timeout)
+                done = []
             for ref in done:
-                eid, chunk = inflight.pop(ref)
-                self.outstanding[eid] -= sum(_work(r) for r in chunk)
-                try:
-                    for r, res in zip(chunk, ray.get(ref), strict=True):
+                if ref in pings:
+                    eid, _ = pings.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except (ActorDiedError, ActorUnavailableError) as e:
+                        lose(eid, _why(e))
+                elif ref in inflight:
+                    c = inflight.pop(ref)
+                    self.outstanding[c.engine_id] -= sum(_work(r) for r in c.requests)
+                    try:
+                        got = ray.get(ref)
+                    except (ActorDiedError, ActorUnavailableError) as e:
+                        pending.extend(c.requests)
+                        self.requeued += len(c.requests)
+                        lose(c.engine_id, _why(e))
+                        continue
+                    for r, res in zip(c.requests, got, strict=True):
                         results[r.request_id] = res
-                except (ActorDiedError, ActorUnavailableError) as e:
-                    self._retire(eid, e)
-                    self.requeued += len(chunk)
-                    pending.extend(chunk)
+                    self._measure(c, got, last_done)
+                    now = time.monotonic()
+                    if self.outstanding[c.engine_id] > 0:
+                        deadline[c.engine_id] = now + self._allowance(c.engine_id)
+                    else:
+                        deadline.pop(c.engine_id, None)
+            now = time.monotonic()
+            for eid, t in list(deadline.items()):
+                if now > t:
+                    self.hangs += 1
+                    lose(eid, f"hung: its generate work was due {now - t:.1f} s ago")
+            for eid, t in list(pings.values()):
+                if now - t > cfg.heartbeat_timeout_s and eid in self.alive:
+                    self.hangs += 1
+                    lose(
+                        eid, f"hung: no answer to a heartbeat within {cfg.heartbeat_timeout_s:g} s"
+                    )
         return [results[i] for i in ids]
 
-    def _all(self, call: Any) -> dict[str, Any]:
-        """Run ``call(handle)`` on every live engine; engines that died are retired."""
+    def _measure(self, c: _Chunk, got: Sequence[GenerateResult], last: dict[str, float]) -> None:
+        """Fold the chunk's sampled tokens per second into its engine's average (timed from
+        when it was sent, or from the engine's previous answer if later: calls queue)."""
+        now = time.monotonic()
+        seconds = now - max(c.sent, last.get(c.engine_id, 0.0))
+        last[c.engine_id] = now
+        tokens = sum(len(x.token_ids) for res in got for x in res.completions)
+        if tokens <= 0 or seconds <= 0:
+            return
+        old = self.tokens_per_s.get(c.engine_id)
+        tps = tokens / seconds
+        self.tokens_per_s[c.engine_id] = tps if old is None else (1 - TPS_EMA) * old + TPS_EMA * tps
+
+    def _gather(self, refs: Mapping[str, Any]) -> dict[str, Any]:
+        """The answers of the engines called (``refs``: id -> ref); an engine that died is
+        taken out of service and restarted. Empty while every engine is restarting (they
+        get the weights from ``restore``); raises if every engine is retired."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-        refs = {eid: call(self.engines[eid]) for eid in self.alive}
         out = {}
         for eid, ref in refs.items():
             try:
                 out[eid] = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError) as e:
-                self._retire(eid, e)
-        if not out:
-            raise EngineUnavailable(f"all {len(self.engines)} engines are dead ({self.dead})")
+                self._lose(eid, _why(e))
+        if not out and not self.restarting:
+            raise self._unavailable()
         return out
+
+    def _all(self, call: Any) -> dict[str, Any]:
+        """Run ``call(handle)`` on every engine in service (``_gather``)."""
+        self.poll(admit=False)
+        return self._gather({eid: call(self.engines[eid]) for eid in self.alive})
 
     def update_weights(
         self, version: int, state: Mapping[str, torch.Tensor] | Any, bucket_bytes: int = 1 << 20
@@ -157,12 +390,10 @@ class EngineRouter:
     def join_transfer(self, address: str, port: int, world: int) -> None:
         """Every engine's workers join the weight-push group (ranks 1.., in engine order);
         returns once the group has formed (the trainer's rank 0 opens it meanwhile)."""
-        import ray
-
         workers = self._all(lambda h: h.transfer_workers.remote())
         ranks = transfer_ranks(workers)
-        ray.get(
-            [self.engines[e].join_transfer.remote(address, port, ranks[e], world) for e in ranks]
+        self._gather(
+            {e: self.engines[e].join_transfer.remote(address, port, ranks[e], world) for e in ranks}
         )
 
     def transfer_size(self) -> int:
@@ -182,19 +413,27 @@ class EngineRouter:
     def probe(
         self, sequences: Sequence[Sequence[int]], expected: Sequence[Sequence[float]], tol: float
     ) -> float:
-        """Max probe difference over all live engines; raises if any engine is off."""
-        return max(self._all(lambda h: h.probe.remote(sequences, expected, tol)).values())
+        """Max probe difference over the engines in service (0 while all restart); raises if
+        any engine is off."""
+        per = self._all(lambda h: h.probe.remote(sequences, expected, tol))
+        return max(per.values(), default=0.0)
 
     def metrics(self) -> dict[str, float]:
-        """Engines alive and dead, requests re-queued because their engine died (run total)."""
+        """Engines in service, retired for good and restarting; run totals of requests
+        re-queued because their engine died or hung (under two names), engine restarts and
+        hangs found."""
         return {
             "engines/alive": float(len(self.alive)),
             "engines/dead": float(len(self.dead)),
+            "engines/restarting": float(len(self.restarting)),
             "engines/requeued": float(self.requeued),
+            "requests_requeued": float(self.requeued),
+            "restarts/engine": float(sum(self.restarts.values())),
+            "engines/hangs": float(self.hangs),
         }
 
     def versions(self) -> dict[str, int]:
-        """Weight version each live engine serves."""
+        """Weight version each engine in service serves."""
         return self._all(lambda h: h.served_version.remote())
 
     def close(self) -> None:
@@ -267,7 +506,15 @@ class LocalRouter:
         return max(e.probe(sequences, expected, tol) for e in self.engines.values())
 
     def metrics(self) -> dict[str, float]:
-        return {"engines/alive": float(len(self.engines)), "engines/dead": 0.0}
+        """``EngineRouter.metrics``' keys (engines in this process never die or restart)."""
+        counters = ("restarting", "requeued", "hangs")
+        return {
+            "engines/alive": float(len(self.engines)),
+            "engines/dead": 0.0,
+            **{f"engines/{k}": 0.0 for k in counters},
+            "requests_requeued": 0.0,
+            "restarts/engine": 0.0,
+        }
 
     def versions(self) -> dict[str, int]:
         return {eid: e.served_version() for eid, e in self.engines.items()}

@@ -12,6 +12,7 @@ thread-safe: calls are served one at a time.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,6 +53,10 @@ class TransformersEngine:
     def inflight(self) -> int:
         """Requests being generated now (0 or 1 call's worth: calls are serialised)."""
         return int(self.lock.locked())
+
+    def pid(self) -> int:
+        """This process's id (tests kill or stop an engine actor by it)."""
+        return os.getpid()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         """Sample ``sampling.n`` completions per request; one call's requests share params."""

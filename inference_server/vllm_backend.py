@@ -150,6 +150,10 @@ class VLLMEngine:
         """Sequences the engine is working on right now."""
         return self._run(self._core.unfinished())
 
+    def pid(self) -> int:
+        """This process's id (tests kill or stop an engine actor by it)."""
+        return os.getpid()
+
     # -- generation -----------------------------------------------------------------------
     def check(self, request: GenerateRequest) -> None:
         need = len(request.prompt_ids) + request.sampling.max_tokens
