@@ -447,6 +447,8 @@ class LocalRouter:
         if not engines:
             raise ValueError("a router needs at least one engine")
         self.engines = dict(engines)
+        self.membership = 0
+        """Never changes: engines in this process never leave (``EngineRouter``'s)."""
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         """Results in request order; several engines take turns by request."""

@@ -39,6 +39,9 @@ from trainer.protocol import TrainBatch
 class Engines(Generator, Protocol):
     """``inference_server.router.EngineRouter`` (Ray) or ``LocalRouter``."""
 
+    membership: int
+    """Changes of the set of serving engines (``EngineRouter.membership``)."""
+
     def update_weights(
         self, version: int, state: Any, bucket_bytes: int = ...
     ) -> dict[str, float]: ...
@@ -113,11 +116,15 @@ class Parts:
     """Members of the push group when it was formed (rank 0 + engine workers)."""
     version: int = 0
     """The version the engines serve (the last push)."""
+    membership: int = 0
+    """The engines' ``membership`` when the push group was formed: a different one now
+    means an engine left or a replacement joined, and the group is formed again."""
 
     def connect(self, bucket_bytes: int) -> None:
         """Form the weight-push group (trainer rank 0 + every engine worker): from now on
         ``push`` broadcasts buckets of ``bucket_bytes`` over it."""
         address, port = self.trainers.transfer_address()
+        self.membership = self.engines.membership
         world = 1 + self.engines.transfer_size()
         opening = self.trainers.open_transfer(address, port, world)
         self.engines.join_transfer(address, port, world)
@@ -148,16 +155,27 @@ class Parts:
         metrics["seconds/sync"] = time.perf_counter() - t0
         return metrics
 
+    def restore_engine(self, engine_id: str, handle: Any) -> None:
+        """Give a restarted engine (``EngineRouter.restore``) the weights the others serve,
+        through the object store (it is not in the push group yet; the next push forms the
+        group again with it). Version 0 is the model directory's: it has them already."""
+        import ray
+
+        if self.version == 0:
+            return
+        state = self.trainers.host_state(self.names)
+        ray.get(handle.update_weights.remote(self.version, state, self.bucket_bytes))
+
     def _broadcast(self, version: int) -> dict[str, float]:
-        """The collective push: the engines receive while rank 0 broadcasts. An engine that
-        died since the push group formed (noticed while generating) is left out by forming
-        the group again first; one that dies during the push fails it (at worst after the
-        group's timeout, 120 s), and then the group is formed again and the push repeated
-        (an engine that took this version already drops it)."""
+        """The collective push: the engines receive while rank 0 broadcasts. When an engine
+        left or a replacement joined since the push group formed (``membership``), the
+        group is formed again first; an engine that dies during the push fails it (at worst
+        after the group's timeout, 120 s), and then the group is formed again and the push
+        repeated (an engine that took this version already drops it)."""
         assert self.meta is not None
         regrouped = 0
         for attempt in (0, 1):
-            if self.engines.transfer_size() != self.world - 1:  # members were lost
+            if self.engines.membership != self.membership:  # members left or joined
                 self.connect(self.bucket_bytes)
                 regrouped += 1
             sending = self.trainers.send_weights(self.meta, self.bucket_bytes)
@@ -167,7 +185,7 @@ class Parts:
             except Exception:
                 with contextlib.suppress(Exception):
                     sending.result()  # the sender ends too (at worst after the group timeout)
-                if attempt or self.engines.transfer_size() == self.world - 1:
+                if attempt or self.engines.membership == self.membership:
                     raise  # no member was lost: the failure is the push's own
                 continue
             metrics["weight_sync/regrouped"] = float(regrouped)
@@ -245,7 +263,7 @@ def _connected(parts: Parts, cfg: RunConfig) -> Parts:
 def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
     """Trainer ranks, engines and env pools as actors on the Ray cluster this process is
     connected to, placed by node role."""
-    from inference_server.actors import start_engines
+    from inference_server.actors import engine_spawner
     from inference_server.router import EngineRouter
     from orchestrator.monitor import start_gpu_monitors
     from reward_envs.scorer import RayScorer
@@ -253,9 +271,11 @@ def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
 
     backend = cfg.inference.backend
     trainers = TrainerGroup(cfg.model, cfg.trainer, total_updates(cfg))
-    engines = EngineRouter(start_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed))
+    spawner = engine_spawner(backend, cfg.model, cfg.trainer.dtype, cfg.seed)
+    engines = EngineRouter(spawner.start(), spawner, cfg.inference)  # restarts dead engines
     scorer = RayScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     parts = Parts(engines, scorer, trainers, *_probe(cfg, tok), on_ray=True)
+    engines.restore = parts.restore_engine
     parts.monitors = start_gpu_monitors()
     return _connected(parts, cfg)
 

@@ -18,6 +18,7 @@ group of ranks; the push runs on a thread while the engine receives on another.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -214,6 +215,10 @@ class TrainerGroup:
     ) -> None:
         """``total_updates``: the run's optimizer updates (``TrainerRank``)."""
         self.args = (Path(model_dir), cfg, total_updates)
+        self._order = threading.Lock()
+        """Held while calls go out to several ranks: every rank then runs calls made from
+        different driver threads (the loop, a rollout restoring an engine) in one order, as
+        collectives need."""
         self.restarts = 0
         """Times the ranks were formed again after one died."""
         self.ranks: list[Any] = []
@@ -268,18 +273,22 @@ class TrainerGroup:
         self.pids()
 
     def set_version(self, version: int) -> None:
-        wait_ranks([r.set_version.remote(version) for r in self.ranks])
+        wait_ranks(self._call("set_version", version))
+
+    def _call(self, method: str, *args: Any, ranks: list[Any] | None = None) -> list[Any]:
+        """Object refs of ``method(*args)`` on ``ranks`` (all), sent in one order."""
+        with self._order:
+            return [getattr(r, method).remote(*args) for r in (ranks or self.ranks)]
 
     def _collective(self, method: str, *args: Any) -> Any:
         """Rank 0's answer (an object ref); every rank is called when the state is sharded."""
-        ranks = self.ranks if self.sharded else self.ranks[:1]
-        return [getattr(r, method).remote(*args) for r in ranks][0]
+        return self._call(method, *args, ranks=None if self.sharded else self.ranks[:1])[0]
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         import ray
 
         shared = ray.put(batch)  # once in the object store, not pickled once per rank
-        return wait_ranks([r.train_step.remote(shared) for r in self.ranks])[0]
+        return wait_ranks(self._call("train_step", shared))[0]
 
     # -- the collective weight push (common.transfer) ----------------------------------------
     def transfer_address(self) -> tuple[str, int]:
@@ -298,7 +307,7 @@ class TrainerGroup:
         """Start broadcasting the weights (every rank under FSDP2: each tensor is gathered
         in turn); ``result()`` waits for the last bucket."""
         ranks = self.ranks if self.sharded else self.ranks[:1]
-        return Pending([r.send_weights.remote(meta, bucket_bytes) for r in ranks])
+        return Pending(self._call("send_weights", meta, bucket_bytes, ranks=ranks))
 
     def host_state(self, names: list[str]) -> Any:
         """An object ref to rank 0's weights (kept in the object store)."""
@@ -315,10 +324,10 @@ class TrainerGroup:
     def save(self, path: Path) -> None:
         """Every rank writes its shard into the checkpoint directory ``path`` (the run
         directory is shared); returns once all of them have finished."""
-        wait_ranks([r.save.remote(str(path)) for r in self.ranks])
+        wait_ranks(self._call("save", str(path)))
 
     def load(self, path: Path) -> int:
-        return wait_ranks([r.load.remote(str(path)) for r in self.ranks])[0]
+        return wait_ranks(self._call("load", str(path)))[0]
 
     def checksums(self) -> list[str]:
         return wait_ranks([r.checksum.remote() for r in self.ranks])
