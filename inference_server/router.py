@@ -351,18 +351,38 @@ class EngineRouter:
         self.tokens_per_s[c.engine_id] = tps if old is None else (1 - TPS_EMA) * old + TPS_EMA * tps
 
     def _gather(self, refs: Mapping[str, Any]) -> dict[str, Any]:
-        """The answers of the engines called (``refs``: id -> ref); an engine that died is
+        """The answers of the engines called (``refs``: id -> ref); an engine that died, or
+        hung (a heartbeat unanswered for ``inference.heartbeat_timeout_s`` while its answer
+        is awaited: weight calls have no deadline of their own, a big push may take long), is
         taken out of service and restarted. Empty while every engine is restarting (they
         get the weights from ``restore``); raises if every engine is retired."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-        out = {}
-        for eid, ref in refs.items():
-            try:
-                out[eid] = ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError) as e:
-                self._lose(eid, _why(e))
+        cfg = self.config
+        out: dict[str, Any] = {}
+        waiting = {ref: eid for eid, ref in refs.items()}
+        pings: dict[str, tuple[Any, float]] = {}  # engine id -> (heartbeat ref, sent)
+        while waiting:
+            done, _ = ray.wait(list(waiting), num_returns=1, timeout=cfg.heartbeat_s)
+            for ref in done:
+                eid = waiting.pop(ref)
+                pings.pop(eid, None)
+                try:
+                    out[eid] = ray.get(ref)
+                except (ActorDiedError, ActorUnavailableError) as e:
+                    self._lose(eid, _why(e))
+            now = time.monotonic()
+            for ref, eid in list(waiting.items()):
+                ping = pings.get(eid)
+                if ping is None:
+                    pings[eid] = (self.engines[eid].inflight.remote(), now)
+                elif ray.wait([ping[0]], timeout=0)[0]:
+                    pings[eid] = (self.engines[eid].inflight.remote(), now)
+                elif now - ping[1] > cfg.heartbeat_timeout_s:
+                    del waiting[ref], pings[eid]
+                    self.hangs += 1
+                    self._lose(eid, f"no heartbeat for {cfg.heartbeat_timeout_s:g} s (hung)")
         if not out and not self.restarting:
             raise self._unavailable()
         return out

@@ -122,13 +122,15 @@ class Parts:
 
     def connect(self, bucket_bytes: int) -> None:
         """Form the weight-push group (trainer rank 0 + every engine worker): from now on
-        ``push`` broadcasts buckets of ``bucket_bytes`` over it."""
+        ``push`` broadcasts buckets of ``bucket_bytes`` over it. With no engine in service
+        (every one restarting) there is no group: each gets the weights when it is back."""
         address, port = self.trainers.transfer_address()
         self.membership = self.engines.membership
         world = 1 + self.engines.transfer_size()
-        opening = self.trainers.open_transfer(address, port, world)
-        self.engines.join_transfer(address, port, world)
-        opening.result()
+        if world > 1:
+            opening = self.trainers.open_transfer(address, port, world)
+            self.engines.join_transfer(address, port, world)
+            opening.result()
         self.meta = self.trainers.transfer_meta(self.names)
         self.bucket_bytes = bucket_bytes
         self.world = world
@@ -178,6 +180,8 @@ class Parts:
             if self.engines.membership != self.membership:  # members left or joined
                 self.connect(self.bucket_bytes)
                 regrouped += 1
+            if self.world == 1:  # every engine is restarting: restore_engine gives them this
+                return {"weight_sync/engines": 0.0, "weight_sync/regrouped": float(regrouped)}
             sending = self.trainers.send_weights(self.meta, self.bucket_bytes)
             try:
                 metrics = self.engines.receive_weights(version, self.meta, self.bucket_bytes)
