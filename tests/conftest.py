@@ -43,3 +43,21 @@ def random_llama():
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(cfg).float()
+
+
+@pytest.fixture
+def local_ray(ray_token, tmp_path):
+    """A private local Ray cluster (token auth on) whose one node is both an inference and
+    a trainer node, for one test."""
+    import ray
+
+    from orchestrator.cluster import start_local
+
+    start_local(
+        tmp_path / "cluster",
+        num_cpus=16,
+        resources={"inference_node": 1, "trainer_node": 1},
+        dashboard=False,
+    )
+    yield
+    ray.shutdown()

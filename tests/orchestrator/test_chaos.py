@@ -27,23 +27,7 @@ def load_chaos():
     return module
 
 
-@pytest.fixture
-def ray_cluster(ray_token, tmp_path):
-    import ray
-
-    from orchestrator.cluster import start_local
-
-    start_local(
-        tmp_path / "cluster",
-        num_cpus=16,
-        resources={"inference_node": 1, "trainer_node": 1},
-        dashboard=False,
-    )
-    yield
-    ray.shutdown()
-
-
-def test_one_fault_of_each_kind_in_40_steps(ray_cluster, tmp_path):
+def test_one_fault_of_each_kind_in_40_steps(local_ray, tmp_path):
     from orchestrator.config import load_config
     from orchestrator.loop import run
 

@@ -21,24 +21,8 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-@pytest.fixture
-def ray_cluster(ray_token, tmp_path):
-    import ray
-
-    from orchestrator.cluster import start_local
-
-    start_local(
-        tmp_path / "cluster",
-        num_cpus=16,
-        resources={"inference_node": 1, "trainer_node": 1},
-        dashboard=False,
-    )
-    yield
-    ray.shutdown()
-
-
 def test_a_dead_rank_is_replaced_and_the_prompts_after_the_checkpoint_replayed(
-    ray_cluster, tmp_path, monkeypatch
+    local_ray, tmp_path, monkeypatch
 ):
     from orchestrator.loop import run
     from trainer.group import TrainerGroup
