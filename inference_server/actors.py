@@ -15,6 +15,8 @@ update can arrive while they are in flight.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +74,13 @@ def engine_args(
     seed: int,
     count: int,
     max_model_len: int | None = None,
+    first: int = 0,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(engine id, constructor keywords after ``model_dir``) of ``count`` engines: the same
-    for Ray actors (``start_engines``) and in-process engines (``start_local_engines``)."""
+    """(engine id, constructor keywords after ``model_dir``) of ``count`` engines, numbered
+    from ``first``: the same for Ray actors (``start_engines``, ``EngineSpawner.add``) and
+    in-process engines (``start_local_engines``)."""
     out: list[tuple[str, dict[str, Any]]] = []
-    for i in range(count):
+    for i in range(first, first + count):
         if backend.type == "vllm":
             eid = f"vllm-{i}"
             kwargs: dict[str, Any] = {
@@ -111,10 +115,14 @@ def start_local_engines(
     return engines
 
 
+MoreArgs = Callable[[int, int], list[tuple[str, dict[str, Any]]]]
+"""``(first, count) ->`` what ``engine_args`` gives for engines ``first..first+count-1``."""
+
+
 class EngineSpawner:
     """Starts engine actors by id, each time with the same actor class, options and
     constructor arguments: ``start`` starts them all, the router one again after its actor
-    died or hung (``spawn``)."""
+    died or hung (``spawn``); ``add`` makes ids for engines that join a run."""
 
     def __init__(
         self,
@@ -123,6 +131,8 @@ class EngineSpawner:
         kwargs: dict[str, dict[str, Any]],
         timeout_s: float,
         hint: str,
+        more: MoreArgs | None = None,
+        per_node: int = 1,
     ) -> None:
         self.actor = actor
         """The engine class as a Ray actor class, with its options."""
@@ -133,25 +143,46 @@ class EngineSpawner:
         """Seconds an engine may take to start."""
         self.hint = hint
         """What a late engine may lack, for the error."""
+        self.more = more
+        """Arguments of further engines (``add``); None: this spawner adds none."""
+        self.per_node = per_node
+        """Engines each inference node holds (``backend.engines_per_node``)."""
+        self.nodes = 0
+        """Inference nodes there were when the engines were first placed."""
+
+    def add(self, n: int) -> list[str]:
+        """Ids of ``n`` new engines, made like the others with the next indices (an id is
+        never used twice, even after its engine left); start them with ``start(ids)``."""
+        if self.more is None:
+            raise ValueError("this spawner was not given the arguments of further engines")
+        args = self.more(len(self.kwargs), n)
+        self.kwargs.update(args)
+        return [eid for eid, _ in args]
 
     def spawn(self, engine_id: str) -> Any:
         """A new actor for ``engine_id``, returned at once: it is ready when a call to it
         (``inflight``) answers."""
         return self.actor.remote(self.model_dir, **self.kwargs[engine_id])
 
-    def start(self) -> dict[str, Any]:
-        """Every engine, started together; id -> handle once all are ready."""
+    def start(self, ids: Sequence[str] | None = None) -> dict[str, Any]:
+        """Engines ``ids`` (default: every one), started together; id -> handle once all
+        are ready. If one is late or fails, all of them are killed and this raises."""
         import ray
 
-        handles = {eid: self.spawn(eid) for eid in self.kwargs}
+        handles = {eid: self.spawn(eid) for eid in (self.kwargs if ids is None else ids)}
         waiting = {h.inflight.remote(): eid for eid, h in handles.items()}
-        ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=self.timeout_s)
-        late = sorted(waiting[r] for r in set(waiting) - set(ready))
-        if late:
-            raise PlacementError(
-                f"engines {late} did not start within {self.timeout_s:.0f} s; {self.hint}"
-            )
-        ray.get(ready)  # an engine whose constructor failed raises here, with its error
+        try:
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=self.timeout_s)
+            late = sorted(waiting[r] for r in set(waiting) - set(ready))
+            if late:
+                raise PlacementError(
+                    f"engines {late} did not start within {self.timeout_s:.0f} s; {self.hint}"
+                )
+            ray.get(ready)  # an engine whose constructor failed raises here, with its error
+        except BaseException:
+            for h in handles.values():
+                ray.kill(h, no_restart=True)
+            raise
         return handles
 
 
@@ -189,7 +220,19 @@ def engine_spawner(
     hint = f"check that each inference node has {backend.cpus_per_engine * per:g} free CPUs" + (
         f" and {gpus_per_engine * per} GPUs" if gpus else ""
     )
-    return EngineSpawner(ray.remote(**opts)(cls), model_dir, dict(args), timeout_s, hint)
+    more = partial(_more_args, backend, dtype, seed, max_model_len)
+    spawner = EngineSpawner(
+        ray.remote(**opts)(cls), model_dir, dict(args), timeout_s, hint, more, per
+    )
+    spawner.nodes = len(nodes)
+    return spawner
+
+
+def _more_args(
+    backend: ConcreteBackend, dtype: str, seed: int, max_model_len: int | None, first: int, n: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """``engine_args`` of engines ``first..first+n-1`` (``EngineSpawner.more``)."""
+    return engine_args(backend, dtype, seed, n, max_model_len, first)
 
 
 def start_engines(

@@ -12,8 +12,9 @@ batch them. When an engine dies, or hangs (misses the deadline its measured spee
 gives its work, or a heartbeat), it is killed, every request it held is re-queued on
 the others, and it is started again with the trainer's current weights, at most
 ``inference.max_restarts`` times; so a request is answered exactly once or the call
-raises naming the requests left unserved. Weight updates are put in Ray's object
-store once, as numpy arrays (read zero-copy on the same node;
+raises naming the requests left unserved. Engines can also join a run (``add``) and
+leave it (``drain``: no new work, killed once it finished what it holds). Weight updates
+are put in Ray's object store once, as numpy arrays (read zero-copy on the same node;
 bench/results/weight_transport.md), and fetched by every engine from there; the
 logprob probe then checks them.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,8 @@ class EngineRouter:
     entered): a weight-push group formed before a change must be formed again.
     Replacements start and enter service while the router is called (``generate``,
     ``poll``; the weight calls start them but let none in, so a push never meets a member
-    that did not join its group)."""
+    that did not join its group). Engines join (``add``, after ``restore``) and leave
+    (``drain``) while the run goes on; each also changes ``membership``."""
 
     def __init__(
         self,
@@ -146,15 +148,50 @@ class EngineRouter:
         self.restore: Callable[[str, Any], None] | None = None
         """Called as ``restore(engine_id, handle)`` with a started replacement before it
         enters service (``orchestrator.parts`` loads the trainer's current weights)."""
+        self.draining: set[str] = set()
+        """Engines that get no new requests and leave once they hold none (``drain``)."""
+        self.left: dict[str, str] = {}
+        """Engine id -> why it left the run (drained): for good, and not a fault."""
+        self.joined = 0
+        """Engines that joined the run after its start (``add``; run total)."""
 
     @property
     def alive(self) -> list[str]:
-        """Engines in service."""
-        return [e for e in self.engines if e not in self.dead and e not in self.restarting]
+        """Engines in service (draining ones too: they finish their work and take pushes)."""
+        gone = self.dead.keys() | self.restarting.keys() | self.left.keys()
+        return [e for e in self.engines if e not in gone]
 
-    def _lose(self, engine_id: str, why: str) -> None:
-        """Kill ``engine_id``'s actor (it died or hung, or its replacement failed); start it
-        again after the backoff, or retire it for good once its restarts are spent."""
+    def add(self, engine_id: str, handle: Any) -> None:
+        """A started engine joins: ``restore`` first, then it is in service."""
+        if engine_id in self.engines:
+            raise ValueError(f"engine {engine_id!r} is already one of this router's")
+        if self.restore is not None:
+            self.restore(engine_id, handle)
+        self.engines[engine_id] = handle
+        self.outstanding[engine_id] = self.restarts[engine_id] = 0
+        self.joined += 1
+        self.membership += 1
+
+    def drain(self, engine_id: str) -> None:
+        """Send ``engine_id`` no new requests; once it holds none (at once if it holds none
+        now, else when ``generate``/``poll`` see its work done) its actor is killed and it
+        leaves for good. A restarting engine leaves at once. The last engine in service
+        cannot leave."""
+        if engine_id not in self.engines:
+            raise ValueError(f"no engine {engine_id!r}: the engines are {list(self.engines)}")
+        if engine_id in self.dead or engine_id in self.left:
+            raise ValueError(f"engine {engine_id!r} has already left the run")
+        if not [e for e in self.alive if e != engine_id and e not in self.draining]:
+            raise ValueError(
+                f"engine {engine_id!r} is the last engine in service and cannot be drained: "
+                "a run needs one; add an engine first"
+            )
+        self.draining.add(engine_id)
+        if engine_id in self.restarting or self.outstanding[engine_id] == 0:
+            self._leave(engine_id, "drained")
+
+    def _stop(self, engine_id: str) -> None:
+        """Kill ``engine_id``'s actor, or its replacement while it restarts."""
         import ray
 
         restart = self.restarting.pop(engine_id, None)
@@ -164,6 +201,23 @@ class EngineRouter:
         if not restart:
             self.membership += 1  # it was serving
         self.outstanding[engine_id] = 0
+
+    def _leave(self, engine_id: str, why: str) -> None:
+        """A draining engine leaves for good (``drain``)."""
+        self.draining.discard(engine_id)
+        self._stop(engine_id)
+        self.left[engine_id] = why
+
+    def _lose(self, engine_id: str, why: str) -> None:
+        """Kill ``engine_id``'s actor (it died or hung, or its replacement failed); start it
+        again after the backoff, or retire it for good once its restarts are spent. A
+        draining engine just leaves (an engine that left is left alone)."""
+        if engine_id in self.left:
+            return
+        if engine_id in self.draining:
+            self._leave(engine_id, f"drained; it ended while draining: {why}")
+            return
+        self._stop(engine_id)
         self.lost[engine_id] = why
         n = self.restarts[engine_id]
         if self.spawner is None or n >= self.config.max_restarts:
@@ -175,10 +229,14 @@ class EngineRouter:
 
     def poll(self, admit: bool = True) -> None:
         """Start the replacements whose backoff is over; with ``admit``, put the ready ones
-        in service after ``restore``. Returns at once."""
+        in service after ``restore`` and let the draining engines that hold no work leave.
+        Returns at once."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
+        if admit:
+            for eid in [e for e in self.draining if self.outstanding[e] == 0]:
+                self._leave(eid, "drained")
         now = time.monotonic()
         for eid, r in list(self.restarting.items()):
             if r.handle is None:
@@ -213,7 +271,7 @@ class EngineRouter:
             else ""
         )
         return EngineUnavailable(
-            f"all {len(self.engines)} engines are dead ({self.dead}), after "
+            f"all {len(self.engines) - len(self.left)} engines are dead ({self.dead}), after "
             f"{sum(self.restarts.values())} restarts (at most inference.max_restarts = "
             f"{self.config.max_restarts} per engine"
             + ("" if self.spawner else "; this router has no spawner to restart engines")
@@ -264,7 +322,7 @@ class EngineRouter:
             self.poll()
             now = time.monotonic()
             if pending:  # one call per engine: the engine batches what it gets
-                alive = self.alive
+                alive = [e for e in self.alive if e not in self.draining] or self.alive
                 if not alive and not self.restarting:
                     raise self._unavailable(
                         [*pending, *(q for c in inflight.values() for q in c.requests)]
@@ -439,13 +497,16 @@ class EngineRouter:
         return max(per.values(), default=0.0)
 
     def metrics(self) -> dict[str, float]:
-        """Engines in service, retired for good and restarting; run totals of requests
-        re-queued because their engine died or hung (under two names), engine restarts and
-        hangs found."""
+        """Engines in service, retired for good, restarting and draining; run totals of
+        engines that joined and left, requests re-queued because their engine died or hung
+        (under two names), engine restarts and hangs found."""
         return {
             "engines/alive": float(len(self.alive)),
             "engines/dead": float(len(self.dead)),
             "engines/restarting": float(len(self.restarting)),
+            "engines/draining": float(len(self.draining)),
+            "engines/joined": float(self.joined),
+            "engines/left": float(len(self.left)),
             "engines/requeued": float(self.requeued),
             "requests_requeued": float(self.requeued),
             "restarts/engine": float(sum(self.restarts.values())),
@@ -455,6 +516,17 @@ class EngineRouter:
     def versions(self) -> dict[str, int]:
         """Weight version each engine in service serves."""
         return self._all(lambda h: h.served_version.remote())
+
+    def states(self) -> dict[str, str]:
+        """Every engine the run had -> ``serving``, ``draining``, ``restarting``, ``left`` or
+        ``dead`` (no remote call)."""
+        kinds: dict[str, Collection[str]] = {
+            "left": self.left,
+            "dead": self.dead,
+            "restarting": self.restarting,
+            "draining": self.draining,
+        }
+        return {e: next((k for k, c in kinds.items() if e in c), "serving") for e in self.engines}
 
     def close(self) -> None:
         """Nothing to do: the engine actors end with the Ray cluster."""
@@ -529,7 +601,7 @@ class LocalRouter:
 
     def metrics(self) -> dict[str, float]:
         """``EngineRouter.metrics``' keys (engines in this process never die or restart)."""
-        counters = ("restarting", "requeued", "hangs")
+        counters = ("restarting", "draining", "joined", "left", "requeued", "hangs")
         return {
             "engines/alive": float(len(self.engines)),
             "engines/dead": 0.0,

@@ -17,6 +17,9 @@ be built so ends ``failed``, with the reason in its API record, the run's log an
 rollout is scored, the next one not yet drawn), so a leaving env has nothing left to
 score when its pools stop. The joined envs are part of the driver's checkpoint; a
 resumed run re-joins them before the sampler's state is restored.
+
+The same app, under the same token, serves ``/v1/engines``: the run's inference engines,
+which join or leave at the next step (``orchestrator.elastic``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class LiveEnvs:
     def __init__(self, cfg: RunConfig, scorer: Any, sampler: Any, log: Any = print) -> None:
         import uvicorn
 
+        from orchestrator.elastic import EngineRequests
+        from orchestrator.elastic import router as engine_routes
         from reward_envs.api.main import create_app
         from reward_envs.api.settings import ApiSettings
 
@@ -69,6 +74,10 @@ class LiveEnvs:
             )
         )
         self.registry = app.state.registry
+        self.engine_requests = app.state.engine_requests = EngineRequests()
+        """Engine count and drains asked through ``/v1/engines`` (``orchestrator.elastic``),
+        applied by ``Parts.scale`` at the next step."""
+        app.include_router(engine_routes)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host=api.host, port=api.port, log_level="warning")
         )
@@ -94,7 +103,8 @@ class LiveEnvs:
         log(
             f"env API on http://{api.host}:{api.port} (bearer token in "
             f"{self.state_dir / 'api-token'}): envs registered with a mixture join this run "
-            f"(venvs built into {self.venv.store}, {how})"
+            f"(venvs built into {self.venv.store}, {how}); /v1/engines lists, adds and drains "
+            "its engines"
         )
 
     def sync(self, step: int) -> dict[str, float]:

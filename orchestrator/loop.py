@@ -78,6 +78,7 @@ def train(
             # sample -> generate -> score: this step's rollout was started ahead
             ready, stale = handle_stale(pending.result(), state.version, bound, cfg.rollout.stale)
             metrics = live.sync(step) if live is not None else {}  # nothing is in flight now
+            metrics |= parts.scale(step, live.engine_requests if live else None, record.log)
             ready, refills = refill(ready, draw, sampler.sample, cfg)
             inflight = sampler.sample(n) if bound > 0 and step + 1 < cfg.steps else []
             if inflight:  # async: the next rollout is generated while this step trains

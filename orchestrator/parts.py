@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.transfer import TensorMeta
 from orchestrator import scoring
@@ -34,6 +34,9 @@ from orchestrator.data import read_jsonl
 from orchestrator.rollout import Generator, tokenize
 from reward_envs.config import EnvSpec
 from trainer.protocol import TrainBatch
+
+if TYPE_CHECKING:
+    from orchestrator.elastic import EngineRequests, Scaler
 
 
 class Engines(Generator, Protocol):
@@ -119,6 +122,8 @@ class Parts:
     membership: int = 0
     """The engines' ``membership`` when the push group was formed: a different one now
     means an engine left or a replacement joined, and the group is formed again."""
+    scaler: Scaler | None = None
+    """Starts engines that join the run and drains those that leave (on Ray only)."""
 
     def connect(self, bucket_bytes: int) -> None:
         """Form the weight-push group (trainer rank 0 + every engine worker): from now on
@@ -167,6 +172,19 @@ class Parts:
             return
         state = self.trainers.host_state(self.names)
         ray.get(handle.update_weights.remote(self.version, state, self.bucket_bytes))
+
+    def scale(
+        self, step: int, requests: EngineRequests | None = None, log: Any = print
+    ) -> dict[str, float]:
+        """Engines join (a new inference node, or more asked through the run's API) or leave
+        (drained through the API), at a point of ``step`` where nothing is in flight
+        (``orchestrator.elastic``). A joining engine gets the current weights at once; the
+        next push forms the push group again with it."""
+        if self.scaler is not None:
+            return self.scaler.step(step, self.version, requests, log)
+        if requests is not None and any(requests.take()):
+            log(f"step {step}: engines neither join nor leave with cluster.mode = 'local'")
+        return {}
 
     def _broadcast(self, version: int) -> dict[str, float]:
         """The collective push: the engines receive while rank 0 broadcasts. When an engine
@@ -269,6 +287,7 @@ def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
     connected to, placed by node role."""
     from inference_server.actors import engine_spawner
     from inference_server.router import EngineRouter
+    from orchestrator.elastic import Scaler
     from orchestrator.monitor import start_gpu_monitors
     from reward_envs.scorer import RayScorer
     from trainer.group import TrainerGroup
@@ -280,6 +299,7 @@ def ray_parts(cfg: RunConfig, tok: Any) -> Parts:
     scorer = RayScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     parts = Parts(engines, scorer, trainers, *_probe(cfg, tok), on_ray=True)
     engines.restore = parts.restore_engine
+    parts.scaler = Scaler(engines, spawner)
     parts.monitors = start_gpu_monitors()
     return _connected(parts, cfg)
 
