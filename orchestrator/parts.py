@@ -254,7 +254,7 @@ def total_updates(cfg: RunConfig) -> int:
 def local_parts(cfg: RunConfig, tok: Any) -> Parts:
     """One trainer rank, one engine and one pool per env, in this process."""
     from inference_server.actors import start_local_engines
-    from inference_server.router import LocalRouter
+    from inference_server.local_router import LocalRouter
     from reward_envs.scorer import LocalScorer
     from trainer.group import LocalTrainerGroup
 
