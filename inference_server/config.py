@@ -140,9 +140,12 @@ class InferenceConfig(StrictModel):
     (``inference_server.weights.PROBE_TOLERANCE``, with what was measured)."""
 
     max_restarts: int = Field(3, ge=0)
-    """Times one engine is started again after its actor died or hung (same id, same
-    arguments; it gets the trainer's current weights before it serves). Past it the engine is
-    retired; the run stops when every engine is retired."""
+    """Times one engine is started again within ``restart_window_s`` after its actor died or
+    hung (same id, same arguments; it gets the trainer's current weights before it serves).
+    One more death in the window retires it (a crash loop); the run stops when every engine
+    is retired. Deaths further apart are restarted however many there are in a run."""
+    restart_window_s: float = Field(1800.0, gt=0.0)
+    """The window ``max_restarts`` counts in (and the backoff doubles in), in seconds."""
     restart_backoff_s: float = Field(2.0, ge=0.0)
     """Wait before an engine's first restart; doubled at each further restart of the same
     engine, at most 60 s."""

@@ -135,7 +135,9 @@ class EngineRouter:
         """Engine id -> why it was retired for good."""
         self.restarting: dict[str, _Restart] = {}
         self.restarts = dict.fromkeys(self.engines, 0)
-        """Engine id -> replacements started for it."""
+        """Engine id -> replacements started for it (run total)."""
+        self.recent: dict[str, deque[float]] = {}
+        """Engine id -> when it was restarted within ``inference.restart_window_s``."""
         self.lost: dict[str, str] = {}
         """Engine id -> why its last actor was taken out of service."""
         self.requeued = 0
@@ -220,11 +222,16 @@ class EngineRouter:
             return
         self._stop(engine_id)
         self.lost[engine_id] = why
-        n = self.restarts[engine_id]
+        recent = self.recent.setdefault(engine_id, deque())
+        now = time.monotonic()
+        while recent and now - recent[0] > self.config.restart_window_s:
+            recent.popleft()
+        n = len(recent)  # restarts within the window: a crash loop is retired
         if self.spawner is None or n >= self.config.max_restarts:
             self.dead[engine_id] = why
             return
-        self.restarts[engine_id] = n + 1
+        recent.append(now)
+        self.restarts[engine_id] += 1
         backoff = min(MAX_BACKOFF_S, self.config.restart_backoff_s * 2**n)
         self.restarting[engine_id] = _Restart(not_before=time.monotonic() + backoff)
 
@@ -274,7 +281,8 @@ class EngineRouter:
         return EngineUnavailable(
             f"all {len(self.engines) - len(self.left)} engines are dead ({self.dead}), after "
             f"{sum(self.restarts.values())} restarts (at most inference.max_restarts = "
-            f"{self.config.max_restarts} per engine"
+            f"{self.config.max_restarts} per engine within inference.restart_window_s = "
+            f"{self.config.restart_window_s:g} s"
             + ("" if self.spawner else "; this router has no spawner to restart engines")
             + f"){left}"
         )

@@ -88,10 +88,10 @@ class EnvSpec(StrictModel):
     replicas: int = Field(1, ge=1)
     """Pool actors for this env on the trainer nodes (distributed runs)."""
     max_restarts: int = Field(5, ge=0)
-    """Pool actors the run may start in place of dead or hung ones, for this env over the
-    whole run (distributed runs; a dead replica's items go to the fresh one or the others).
-    Used up with no replica left, scoring the env fails; reached within 10 minutes, the env
-    is quarantined."""
+    """Pool actors the run may start in place of dead or hung ones, for this env within 10
+    minutes (distributed runs; a dead replica's items go to the fresh one or the others).
+    Reached, the env is quarantined (a crash loop), and with no replica left scoring it
+    fails; failures further apart are restarted however many there are in a run."""
     restart_backoff_s: float = Field(0.5, ge=0.0)
     """Wait before starting a pool actor in place of a dead one; doubles with each restart of
     the env in the last 10 minutes, at most 10 s."""

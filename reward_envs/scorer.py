@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reward_envs.breaker import Breaker
+from reward_envs.breaker import RESTART_WINDOW_S, Breaker
 from reward_envs.builder import BuiltEnv, prepare
 from reward_envs.config import EnvSpec
 from reward_envs.manifest import Manifest, load_manifest
@@ -192,7 +192,8 @@ class RayScorer(_Health):
         self.resent: Counter[str] = Counter()
         """Items of each env re-sent to another replica because theirs died or hung."""
         self.restarted: Counter[str] = Counter()
-        """Pool actors of each env started in place of lost ones (at most ``max_restarts``)."""
+        """Pool actors of each env started in place of lost ones (run totals; at most
+        ``max_restarts`` within ``RESTART_WINDOW_S``)."""
         self._envs: dict[str, _Replicas] = {}
         self._counters: dict[str, dict[Any, dict[str, int]]] = {}
         """env -> replica handle -> its pool's counters as of its last answer (kept after
@@ -328,9 +329,9 @@ class RayScorer(_Health):
             return
         self.replicas[env].remove(replica)
         self.lost[env] += 1
-        if self.restarted[env] >= e.spec.max_restarts:
-            return
         breaker = self.breakers[env]
+        if breaker.recent_restarts() >= e.spec.max_restarts:  # a crash loop: no more
+            return
         time.sleep(min(MAX_BACKOFF_S, e.spec.restart_backoff_s * 2 ** breaker.recent_restarts()))
         fresh = self._start(e)
         e.fresh.add(fresh)
@@ -343,7 +344,8 @@ class RayScorer(_Health):
         failure = e.last_failure if len(e.last_failure) < 600 else e.last_failure[:600] + "..."
         return (
             f"every pool actor of env {env!r} died or hung and its restarts are used up "
-            f"(EnvSpec.max_restarts = {e.spec.max_restarts}, {self.restarted[env]} made); "
+            f"(EnvSpec.max_restarts = {e.spec.max_restarts} within {RESTART_WINDOW_S / 60:.0f}"
+            f" minutes; {self.restarted[env]} made in the run); "
             f"{unscored} items unscored. Last failure: {failure}. See the env's worker logs "
             f"in {self.log_dir or '(no log dir set)'} and the Ray logs of its pool actors; "
             f"raise max_restarts in the env's [[envs]] entry if the failures are transient"
