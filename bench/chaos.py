@@ -208,16 +208,18 @@ def recovery(metrics: list[dict[str, float]]) -> dict[str, float]:
 
 
 def chaos_settings() -> list[str]:
-    """Settings that make recovery quick enough to measure on one CPU machine: a hang is
-    noticed by the heartbeat after 20 s; checkpoints every 10 steps bound what a trainer
-    restart replays. The bench's one engine meets 5 faults in a few minutes, far more than
-    the default bound for a crash loop (3 restarts in 30 minutes), which would retire it
-    and end the run as designed: the bench allows 8."""
+    """Settings that make recovery quick enough to measure on one CPU machine: checkpoints
+    every 10 steps bound what a trainer restart replays. The bench's one engine meets 5
+    faults in a few minutes, far more than the default bound for a crash loop (3 restarts in
+    30 minutes), which would retire it and end the run as designed: the bench allows 8; and
+    its restart backoff, which doubles with each restart in the window (2 s default: 32 s
+    before the fifth), starts at 0.5 s. A hang is noticed by the heartbeat after 10 s."""
     return [
         "inference.max_restarts=8",
+        "inference.restart_backoff_s=0.5",
         "checkpoint.every_steps=10",
         "inference.heartbeat_s=2",
-        "inference.heartbeat_timeout_s=20",
+        "inference.heartbeat_timeout_s=10",
     ]
 
 

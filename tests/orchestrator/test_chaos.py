@@ -47,7 +47,7 @@ def test_one_fault_of_each_kind_in_40_steps(local_ray, tmp_path):
             "trainer.cpus_per_rank=1",
             "inference.backend={type='transformers', cpus_per_engine=1}",
             "inference.heartbeat_s=1",
-            "inference.heartbeat_timeout_s=5",
+            "inference.heartbeat_timeout_s=10",
             "inference.restart_backoff_s=0.5",
         ]
     )
