@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run (or checkpoint) dir")
     export.add_argument("--step", type=int, help="the checkpoint of this step (default: latest)")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new HF model directory")
+    samples = sub.add_parser(
+        "samples", help="a run's samples log: every completion of a step, scored or errored"
+    )
+    samples.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    samples.add_argument("--step", type=int, help="this step's samples (default: the last)")
+    samples.add_argument("--env", help="only the samples this env scored")
+    samples.add_argument("--json", action="store_true", help="JSON lines, as logged")
     data = sub.add_parser("data", help="pre-tokenize a run's datasets (on the login node)")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     prepare = data_sub.add_parser(
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "samples":
+        return _samples(args)
     if args.command == "slurm":
         from orchestrator.launch import main as slurm_main
 
@@ -157,6 +166,36 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:  # the same, for Ctrl-C
         return 130
+
+
+def _samples(args: argparse.Namespace) -> int:
+    """``caravela samples RUN_DIR [--step N] [--env E] [--json]``."""
+    import json
+
+    from orchestrator.samples import DIR, describe, last_step, read
+
+    step = args.step if args.step is not None else last_step(args.run_dir)
+    if step is None:
+        print(
+            f"caravela samples: no samples in {args.run_dir / DIR} (no step finished yet, "
+            "or the run had logging.samples = false)",
+            file=sys.stderr,
+        )
+        return 1
+    found = 0
+    for rec in read(args.run_dir, step, args.env):
+        print(json.dumps(rec, ensure_ascii=False) if args.json else describe(rec))
+        found += 1
+    if not found:
+        env = f" scored by env {args.env!r}" if args.env else ""
+        print(
+            f"caravela samples: no samples of step {step}{env} in {args.run_dir / DIR} (the "
+            f"last step logged is {last_step(args.run_dir)}; segments past "
+            "logging.samples_max_mb are deleted)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ steps when the output is not a terminal).
 
 A resumed run keeps the lines of the steps before its checkpoint and moves those of the
 steps it redoes to ``metrics.superseded.jsonl`` / ``prompts.superseded.jsonl`` (appended),
-so every step appears exactly once in each file and no line is lost.
+so every step appears exactly once in each file and no line is lost. The samples log
+(``samples/``, one line per completion: ``orchestrator.samples``) is kept the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import RunConfig
 from orchestrator.data import Prompt
+from orchestrator.samples import DIR, SamplesLog, supersede
 from orchestrator.trackers import LoggingConfig, open_trackers
+
+if TYPE_CHECKING:
+    from orchestrator.rollout import Rollout
 
 FILES = ("metrics.jsonl", "prompts.jsonl")
 
@@ -72,6 +77,12 @@ class Recorder:
         logging = config.logging if config is not None else LoggingConfig()
         params = config.model_dump(mode="json") if config is not None else {}
         self.trackers = open_trackers(logging, self.out_dir, start, params)
+        self.samples: SamplesLog | None = None
+        if logging.samples:
+            drop = config.advantage.drop_zero_variance if config is not None else True
+            self.samples = SamplesLog.open(self.out_dir, logging, start, drop, log)
+        elif (self.out_dir / DIR).is_dir():  # turned off on resume: still one copy per step
+            supersede(self.out_dir / DIR, start)
         self.gauges: Any = None
         if on_ray:  # the same metrics on the Ray dashboard / Prometheus
             from orchestrator.monitor import RunMetrics
@@ -107,6 +118,8 @@ class Recorder:
         self.prompts_file.close()
         self._keep(step)
         self._open()
+        if self.samples is not None:
+            self.samples.rewind(step)
         self.bar.update(self.task, completed=step)
 
     def __enter__(self) -> Recorder:
@@ -119,11 +132,22 @@ class Recorder:
         self.bar.__exit__(kind, exc, tb)
         self.metrics_file.close()
         self.prompts_file.close()
+        if self.samples is not None:
+            self.samples.close()
         for tracker in self.trackers:
             tracker.close(failed=kind is not None)
 
-    def step(self, step: int, prompts: list[Prompt], metrics: dict[str, float]) -> None:
-        """One finished step: ``metrics`` and the ids of every prompt it used."""
+    def step(
+        self,
+        step: int,
+        prompts: list[Prompt],
+        metrics: dict[str, float],
+        rollout: Rollout | None = None,
+    ) -> None:
+        """One finished step: ``metrics``, the ids of every prompt it used and, given the
+        ``rollout`` it trained on, every completion in the samples log."""
+        if rollout is not None and self.samples is not None:
+            self.samples.write(step, rollout)
         self.history.append(metrics)
         for tracker in self.trackers:
             tracker.log(step, metrics)

@@ -28,6 +28,7 @@ RESULTS = (
     "prompts.jsonl",
     "metrics.superseded.jsonl",
     "prompts.superseded.jsonl",
+    "samples",  # the samples log (orchestrator.samples), its segments and superseded file
     "checkpoints",
     "final",
     "eval.json",

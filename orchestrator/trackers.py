@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from common.config import StrictModel
 
@@ -89,6 +89,20 @@ class LoggingConfig(StrictModel):
     """Weights & Biases settings."""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     """MLflow settings."""
+    samples: bool = True
+    """Write the samples log, ``<output_dir>/samples/``: one JSON line per completion (prompt
+    and request id, policy version, engine, env and env build, score or error, tokens,
+    finish reason, trained or not, text); see ``orchestrator/samples.py``."""
+    samples_text_chars: int = Field(1000, ge=0)
+    """Each completion's text in the samples log, clipped to this many characters (its
+    first and last half); 0 leaves the text out."""
+    samples_rotate_mb: float = Field(64.0, gt=0)
+    """The current ``samples/samples.jsonl`` is closed into a gzip segment
+    (``samples-<first step>-<last step>.jsonl.gz``) before a step that would take it past
+    this."""
+    samples_max_mb: float = Field(4096.0, ge=0)
+    """The most the samples log (its segments and current file) may hold: the oldest
+    segments are deleted (and the deletion logged) to stay under it. 0: no bound."""
 
     @field_validator("trackers")
     @classmethod
@@ -100,6 +114,17 @@ class LoggingConfig(StrictModel):
             if why is not None:
                 raise ValueError(why)
         return trackers
+
+    @model_validator(mode="after")
+    def _room_for_a_segment(self) -> LoggingConfig:
+        if 0 < self.samples_max_mb < 2 * self.samples_rotate_mb:
+            raise ValueError(
+                f"logging.samples_max_mb = {self.samples_max_mb:g} leaves no room for a closed "
+                f"segment and the current file of logging.samples_rotate_mb = "
+                f"{self.samples_rotate_mb:g}: make it at least twice that, or lower "
+                "samples_rotate_mb"
+            )
+        return self
 
 
 class Tracker(Protocol):
