@@ -14,7 +14,12 @@ Answer extraction (on the completion):
   (a ``.`` before whitespace, or a newline), or the whole display-math block it opens
   (``$$…$$``, ``\\[…\\]``);
 * every ``\\boxed{…}`` (and ``\\fbox{…}``);
-* only when neither exists: the last number (or ``a/b`` / ``\\frac{a}{b}``) in the completion.
+* only when neither exists: the completion's last value (``last_number``): a number
+  (``1 000``, ``1\\,000``, ``.4``, ``3/4``), a ``\\frac`` / ``\\dfrac`` / ``\\tfrac`` / ``\\cfrac``
+  (braces optional: ``\\frac13``) or a ``\\sqrt`` (``\\sqrt3``), or the one-expression math span
+  holding it (``\\( (9+1) \\)``). Digits glued to a letter on their left are part of a word and
+  never read (``AZYUK2A``, ``x2``, ``H2O``); letters glued on the right are a unit or suffix
+  (``5cm``, ``2nd``).
 
 Every declared answer (the answer-is sentence and each box) must match the reference, so a
 completion that commits to several candidates (two different boxes, a box that disagrees
@@ -88,15 +93,22 @@ _UNICODE_SYMBOLS = {
     "≥": r"\ge ",
 }
 _EN_DASH_MINUS_RE = re.compile(r"(?<!\w)\u2013(?=\s?\d)")
-_GROUP_SPACE_RE = re.compile(r"(?<=\d)[\u00a0\u202f\u2009\u2007](?=\d{3}(?!\d))")
+_GROUP_SPACE_RE = re.compile(r"(?<=\d)(?:[\u00a0\u202f\u2009\u2007]|\\[,:; ]|~)(?=\d{3}(?!\d))")
 _OTHER_SPACE_RE = re.compile(r"[\u00a0\u202f\u2009\u2007]")
+_BRACED_COMMA_RE = re.compile(r"(?<=\d)\{,\}(?=\d)")
 _CURRENCY_RE = re.compile(r"R\$|US\$|\\\$|[$€£¥]")
 
 
 def normalise_unicode(text: str) -> str:
-    """Unicode minus signs, digit-group spaces and math symbols in ASCII / LaTeX form."""
+    """Unicode minus signs, digit-group spaces and math symbols in ASCII / LaTeX form.
+
+    A no-break / thin space, ``\\,`` / ``\\;`` / ``\\:`` / ``\\ `` or ``~`` before a group of
+    exactly three digits groups thousands (dropped); LaTeX's ``{,}`` between digits is a plain
+    comma, read later by the separator rules (``1{,}000`` = 1000, ``3{,}5`` = 3.5).
+    """
     text = _EN_DASH_MINUS_RE.sub("-", text)
     text = _GROUP_SPACE_RE.sub("", text)
+    text = _BRACED_COMMA_RE.sub(",", text)
     text = _OTHER_SPACE_RE.sub(" ", text)
     for symbol, replacement in _UNICODE_SYMBOLS.items():
         text = text.replace(symbol, replacement)
@@ -109,8 +121,18 @@ _MARKER_RE = re.compile(r"(?i)\b(?:answer\s*(?:is\b|:)|resposta(?:\s+final)?\s*(
 _DISPLAY_BLOCKS = (("$$", "$$"), (r"\[", r"\]"))
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ARG = r"(?:\{(?:[^{}]|\{[^{}]*\})*\}|[0-9A-Za-z])"  # {…} (one nesting level) or one char
+_NUMBER = r"(?:\d{1,3}(?: \d{3})+(?:[.,]\d+)?(?!\d)|\d+(?:[.,]\d+)*|\.\d+)"
 _LAST_NUMBER_RE = re.compile(
-    r"-?\\d?frac\{-?\d+\}\{\d+\}|-?\d+(?:[.,]\d+)*(?:\s*/\s*\d+)?(?:\s*(?:%|\\%))?"
+    r"-?(?:"
+    rf"\d*\\[dtc]?frac\s*{_ARG}\s*{_ARG}"  # \frac{1}{3}, \frac13, \tfrac{1}3
+    rf"|\d*\\sqrt\s*(?:\[[^\]]*\]\s*)?{_ARG}"  # \sqrt{3}, 2\sqrt3, \sqrt[3]{2}
+    rf"|{_NUMBER}(?:\s*/\s*{_NUMBER})?(?:\s*(?:%|\\%))?"  # 1 000, 1,234.5, .4, 3/4, 50%
+    r")"
+)
+_DOLLAR_RE = re.compile(r"\\\$|\$\$|\$")  # an escaped \\$ (not a delimiter), $$ or $
+_NOT_ONE_EXPRESSION_RE = re.compile(
+    r"[;&]|\\\\|\\begin|\\(?:text|textbf|textit|mathrm|mbox|operatorname|quad)\b"
 )
 
 
@@ -152,13 +174,73 @@ def answer_sentence(completion: str) -> str | None:
     return sentence.strip() or None
 
 
-def last_number(completion: str) -> str | None:
-    """The last number, ``a/b`` or ``\\frac{a}{b}`` in the completion, or None."""
-    numbers = _LAST_NUMBER_RE.findall(completion)
-    return numbers[-1] if numbers else None
+def glued(text: str, value: re.Match[str]) -> bool:
+    """Whether a value found in ``text`` starts inside a word (``2`` in ``AZYUK2A``, ``x2``).
+
+    Digits right after a LaTeX command (``\\approx11``, ``\\pi2``) are not in a word.
+    """
+    i = value.start()
+    if not (value.group()[0].isdigit() or value.group()[0] == ".") or not is_word_char(text, i - 1):
+        return False
+    while is_word_char(text, i - 1):
+        i -= 1
+    return i == 0 or text[i - 1] != "\\"
 
 
-def declared_answers(completion: str) -> list[str]:
+def is_word_char(text: str, i: int) -> bool:
+    """Whether ``text[i]`` exists and is a letter, digit or ``_``."""
+    return i >= 0 and (text[i].isalnum() or text[i] == "_")
+
+
+def last_number(completion: str, collection: bool = False) -> str | None:
+    """The completion's last value, or None; the fallback when no answer is declared.
+
+    The value is the last number (``1 000``, ``1.234,5``, ``.4``, ``3/4``, ``50%``),
+    ``\\frac`` (also ``\\dfrac`` / ``\\tfrac`` / ``\\cfrac``, braces optional: ``\\frac13``) or
+    ``\\sqrt`` (``\\sqrt3``); digits glued to a letter on their left are part of a word
+    (``AZYUK2A``, ``x2``, ``H2O``) and never read. Letters glued on the right are a unit or
+    suffix (``5cm`` and ``2nd`` read as 5 and 2). When that value lies in a math span
+    (``$…$``, ``\\(…\\)``, ``\\[…\\]``, ``$$…$$``) holding one expression (no ``,`` ``;`` ``&``,
+    ``\\\\``, environment or ``\\text``; commas only for a ``collection`` reference), the whole
+    span is the answer: ``$(9+1)$``, ``$[0,1)$``.
+    """
+    numbers = [m for m in _LAST_NUMBER_RE.finditer(completion) if not glued(completion, m)]
+    if not numbers:
+        return None
+    last = numbers[-1]
+    span = enclosing_span(completion, last.start(), last.end())
+    if span is None or len(span) > MAX_ANSWER_CHARS or _NOT_ONE_EXPRESSION_RE.search(span):
+        return last.group()
+    return last.group() if "," in span and not collection else span
+
+
+def enclosing_span(text: str, start: int, end: int) -> str | None:
+    """The content of the math span around ``text[start:end]``, or None (linear time).
+
+    ``\\(…\\)`` and ``$…$`` stay on one line; ``$`` / ``$$`` pair up in order (``\\$`` is not
+    a delimiter), so an odd count of them before the value opens a span.
+    """
+    left, right = text[:start], text[end:]
+    for opening, closing, inline in ((r"\(", r"\)", True), (r"\[", r"\]", False)):
+        i, j = left.rfind(opening), right.find(closing)
+        if i < 0 or j < 0 or left.rfind(closing) > i or 0 <= right.find(opening) < j:
+            continue
+        content = text[i + len(opening) : end + j]
+        if not (inline and "\n" in content):
+            return content
+    for delimiter in ("$$", "$"):
+        before = [m for m in _DOLLAR_RE.finditer(left) if m.group() == delimiter]
+        after = (m for m in _DOLLAR_RE.finditer(right) if m.group() == delimiter)
+        close = next(after, None)
+        if len(before) % 2 == 0 or close is None:
+            continue
+        content = text[before[-1].end() : end + close.start()]
+        if not (delimiter == "$" and "\n" in content):
+            return content
+    return None
+
+
+def declared_answers(completion: str, collection: bool = False) -> list[str]:
     """Every answer the completion commits to (see the module docstring), maybe none."""
     completion = normalise_unicode(completion)
     answers = braced_contents(completion, _BOX_RE)
@@ -167,7 +249,7 @@ def declared_answers(completion: str) -> list[str]:
         answers.append(sentence)
     if answers:
         return answers
-    number = last_number(completion)
+    number = last_number(completion, collection)
     return [number] if number is not None else []
 
 
@@ -182,7 +264,7 @@ _MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sq
 _CONTENT_RE = re.compile(r"[^\s.,;:!?]")
 _AMBIGUOUS_WORDS = {"or", "ou", "and"}
 _NUMBER_TOKEN_RE = re.compile(r"(?<![\d.,])\d+(?:[.,]\d+)+(?![\d])")
-_SPACE_GROUPS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d.,])")
+_SPACE_GROUPS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)")
 _THOUSANDS_GROUPS_RE = re.compile(r"[1-9]\d{0,2}(?:X\d{3})+")
 _OPEN_COLLECTION_RE = re.compile(r"^\s*(?:\\\{|\{|\\left\s*[(\[]|\(|\[)")
 
@@ -253,10 +335,10 @@ def canonical_numbers(text: str, collection: bool) -> str:
     if collection and ";" not in text:
         text = _NUMBER_TOKEN_RE.sub(lambda m: ungroup(m.group(), ".") or m.group(), text)
         return text.replace(",", ", ")
+    if not collection:
+        text = _SPACE_GROUPS_RE.sub(lambda m: m.group().replace(" ", ""), text)
     text = _NUMBER_TOKEN_RE.sub(lambda m: canonical_number(m.group()), text)
-    if collection:
-        return text.replace(";", ",")
-    return _SPACE_GROUPS_RE.sub(lambda m: m.group().replace(" ", ""), text)
+    return text.replace(";", ",") if collection else text
 
 
 def is_collection(reference: str) -> bool:
@@ -327,7 +409,7 @@ def score(prompt: str, completion: str, answer: str, **fields: Any) -> float:
     collection = is_collection(ref)
     ref_final = finish(ref, collection)
     reference = list(parsed(ref_final)) if ref_final is not None else []
-    declared = list(dict.fromkeys(declared_answers(completion)))
+    declared = list(dict.fromkeys(declared_answers(completion, collection)))
     if not reference or not declared or any(len(d) > MAX_ANSWER_CHARS for d in declared):
         return 0.0
     candidates = [finish(clean(d), collection) for d in declared]
