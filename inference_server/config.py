@@ -152,6 +152,11 @@ class InferenceConfig(StrictModel):
     hang_timeout_s: float = Field(60.0, gt=0.0)
     """The least time an engine gets for its generate work before it counts as hung (and is
     killed, its requests sent elsewhere, and restarted)."""
+    calls_per_engine: int = Field(4, ge=1, le=256)
+    """A step's requests reach each engine in up to this many calls, all sent at once; each
+    call's groups go to their envs' pools as soon as it returns (scoring overlaps
+    generation). vLLM batches concurrent calls together; the transformers engine runs them
+    one after another, in smaller batches."""
     hang_factor: float = Field(4.0, ge=1.0)
     """An engine counts as hung once its outstanding work takes this many times longer than
     its measured tokens per second predict (never sooner than ``hang_timeout_s``)."""

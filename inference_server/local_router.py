@@ -4,7 +4,7 @@ with it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,29 +12,37 @@ import torch
 from common.transfer import TensorMeta
 from common.weights import HostState
 from inference_server.protocol import GenerateRequest, GenerateResult
-from inference_server.router import sync_metrics, transfer_ranks
+from inference_server.router import split, sync_metrics, transfer_ranks
 
 
 class LocalRouter:
     """The ``EngineRouter`` interface over engine objects in this process (no Ray)."""
 
-    def __init__(self, engines: Mapping[str, Any]) -> None:
+    def __init__(self, engines: Mapping[str, Any], calls_per_engine: int = 1) -> None:
         if not engines:
             raise ValueError("a router needs at least one engine")
         self.engines = dict(engines)
+        self.calls_per_engine = calls_per_engine
         self.membership = 0
         """Never changes: engines in this process never leave (``EngineRouter``'s)."""
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Results in request order; several engines take turns by request."""
+    def generate(
+        self,
+        requests: Sequence[GenerateRequest],
+        on_result: Callable[[GenerateResult], Any] | None = None,
+    ) -> list[GenerateResult]:
+        """Results in request order, each handed to ``on_result`` as soon as its call
+        returned; several engines take turns by request, each share in up to
+        ``calls_per_engine`` calls."""
         engines = list(self.engines.values())
         shares = [list(requests[i :: len(engines)]) for i in range(len(engines))]
-        done = {
-            res.request_id: res
-            for engine, share in zip(engines, shares, strict=True)
-            if share
-            for res in engine.generate(share)
-        }
+        done: dict[str, GenerateResult] = {}
+        for engine, share in zip(engines, shares, strict=True):
+            for chunk in split(share, self.calls_per_engine) if share else []:
+                for res in engine.generate(chunk):
+                    done[res.request_id] = res
+                    if on_result is not None:
+                        on_result(res)
         return [done[r.request_id] for r in requests]
 
     def update_weights(

@@ -67,6 +67,18 @@ def transfer_ranks(workers: Mapping[str, int]) -> dict[str, int]:
     return ranks
 
 
+def split(requests: Sequence[GenerateRequest], calls: int) -> list[list[GenerateRequest]]:
+    """``requests`` in up to ``calls`` contiguous runs of near-equal size (none empty)."""
+    calls = max(1, min(calls, len(requests)))
+    size, extra = divmod(len(requests), calls)
+    out, start = [], 0
+    for i in range(calls):
+        end = start + size + (i < extra)
+        out.append(list(requests[start:end]))
+        start = end
+    return out
+
+
 def _work(r: GenerateRequest) -> int:
     return r.sampling.n * r.sampling.max_tokens
 
@@ -294,12 +306,17 @@ class EngineRouter:
             return c.first_generate_timeout_s
         return max(c.hang_timeout_s, c.hang_factor * self.outstanding[engine_id] / tps)
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Results in request order, each request served exactly once by some engine. An
-        engine that dies or misses its deadline (its outstanding work at
-        ``inference.hang_factor`` x its measured speed, at least ``hang_timeout_s``) or a
-        heartbeat is killed and its requests re-queued; with no engine in service this waits
-        for a restart."""
+    def generate(
+        self,
+        requests: Sequence[GenerateRequest],
+        on_result: Callable[[GenerateResult], Any] | None = None,
+    ) -> list[GenerateResult]:
+        """Results in request order, each request served exactly once by some engine, and
+        each handed to ``on_result`` as soon as its call returns. An engine's share goes out
+        in up to ``inference.calls_per_engine`` calls. An engine that dies or misses its
+        deadline (its outstanding work at ``inference.hang_factor`` x its measured speed, at
+        least ``hang_timeout_s``) or a heartbeat is killed and its requests re-queued; with
+        no engine in service this waits for a restart."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
@@ -342,9 +359,10 @@ class EngineRouter:
                     eid = min(alive, key=lambda e: self.outstanding[e])
                     chunks.setdefault(eid, []).append(r)
                     self.outstanding[eid] += _work(r)
-                for eid, chunk in chunks.items():
-                    ref = self.engines[eid].generate.remote(chunk)
-                    inflight[ref] = _Chunk(eid, chunk, now)
+                for eid, share in chunks.items():
+                    for chunk in split(share, cfg.calls_per_engine):
+                        ref = self.engines[eid].generate.remote(chunk)
+                        inflight[ref] = _Chunk(eid, chunk, now)
                     deadline[eid] = max(deadline.get(eid, 0.0), now + self._allowance(eid))
             if now >= next_beat:  # a cheap call to every busy engine
                 beating = {e for e, _ in pings.values()}
@@ -385,6 +403,8 @@ class EngineRouter:
                         continue
                     for r, res in zip(c.requests, got, strict=True):
                         results[r.request_id] = res
+                        if on_result is not None:
+                            on_result(res)
                     self._measure(c, got, last_done)
                     now = time.monotonic()
                     if self.outstanding[c.engine_id] > 0:

@@ -81,6 +81,22 @@ class DatasetSpec(StrictModel):
         return path
 
 
+class PromptConfig(StrictModel):
+    """How a prompt's text becomes the token ids the engines see
+    (``inference_server.tokens.encode_prompts``), in rollouts, the pre-tokenized store and the
+    held-out evaluation."""
+
+    format: Literal["plain", "chat"] = "plain"
+    """plain: BOS + ``system`` + the prompt text (a base model's raw completion). chat: the
+    tokenizer's chat template over a system message (``system``) and a user message (the
+    prompt text), ending with the assistant's turn; the template decides the special tokens.
+    A tokenizer without a chat template is refused at start-up."""
+    system: str | None = Field(None, min_length=1)
+    """chat: the system message (None: none). plain: text put before every prompt as it is
+    (an instruction, few-shot examples). Changing it or ``format`` re-tokenizes the
+    prepared datasets (``caravela data prepare``)."""
+
+
 class RolloutConfig(StrictModel):
     """How completions are sampled for each training prompt."""
 
@@ -94,6 +110,11 @@ class RolloutConfig(StrictModel):
     """Nucleus sampling mass."""
     max_new_tokens: int = Field(40, ge=1)
     """Generation cap per completion, in tokens."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a completion (besides EOS), e.g. ``["\\nQ:"]`` for a few-shot format.
+    The completion's text stops before the string; its token ids (trained on) and logprobs
+    run to the token that completed it, as EOS is kept in the ids and dropped from the text.
+    Also used by the held-out evaluation."""
     max_staleness: int = Field(0, ge=0, le=8)
     """0: synchronous, on-policy. k >= 1: generating step s+1 overlaps training step s, and
     samples from weights more than k versions behind the trainer are handled by ``stale``.
@@ -183,15 +204,65 @@ class EnvApiConfig(StrictModel):
     built offline ends ``failed`` with the reason (API, run log, ``live_envs_failed``)."""
 
 
-class EvalConfig(StrictModel):
-    """Held-out evaluation before and after training."""
+class EvalSet(StrictModel):
+    """One held-out set (``[[eval.sets]]``), scored by one env of the run."""
 
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Its key in metrics (``eval/<name>/pass1``), eval.json and report.png."""
+    file: Path
+    """JSONL in the datasets' default columns (``id``, ``prompt``, the env's fields)."""
+    env: str
+    """The env that scores it: one of the run's ``[[envs]]``. A row naming another env
+    (an ``env`` column) is an error."""
+    n: int | None = Field(None, ge=1)
+    """Prompts evaluated (the first N rows; None: ``eval.num_prompts``)."""
+    k: int | None = Field(None, ge=1)
+    """Samples per prompt for pass@1 and pass@k (None: ``eval.k``)."""
+    greedy: bool = True
+    """Also decode each prompt greedily (greedy accuracy)."""
+
+
+class EvalConfig(StrictModel):
+    """Held-out evaluation on the engines, scored by the env pools: at the start, every
+    ``every_steps`` steps and at the end.
+
+    The sets are ``[[eval.sets]]``; without any, one set named ``heldout`` from ``heldout``
+    (its rows' ``env`` column, else ``env``, names the env that scores it)."""
+
+    sets: list[EvalSet] = Field(default_factory=list)
+    """Held-out sets, each scored by its own env; the first is the run's headline
+    (``before``/``after`` in eval.json, the progress line)."""
     heldout: Path = paths.TINY_HELDOUT
-    """Held-out JSONL (never sampled for training)."""
+    """Held-out JSONL of the single set used when ``sets`` is empty (never sampled for
+    training)."""
+    env: str | None = None
+    """Env of ``heldout`` when its rows have no ``env`` column."""
     num_prompts: int = Field(200, ge=1)
-    """Held-out prompts evaluated (the first N rows)."""
+    """Prompts per set (the first N rows), unless the set says ``n``."""
     k: int = Field(8, ge=1)
-    """Samples per prompt for pass@1 (sampled) and pass@k."""
+    """Samples per prompt for pass@1 (sampled) and pass@k, unless the set says ``k``."""
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every N steps too (0: only at the start and the end)."""
+
+    @model_validator(mode="after")
+    def _one_way(self) -> EvalConfig:
+        if self.sets and ({"heldout", "env"} & self.model_fields_set):
+            raise ValueError(
+                "eval.heldout / eval.env describe the single set used without [[eval.sets]]; "
+                "with [[eval.sets]] give each set's file and env there instead"
+            )
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.sets names must be unique, got {names}")
+        return self
+
+    def resolved(self) -> list[EvalSet]:
+        """The sets with ``n`` and ``k`` filled in. The single ``heldout`` set's env is
+        ``env`` or, when unset, "" (its rows' ``env`` column says: ``orchestrator.evaluate``)."""
+        sets = self.sets or [EvalSet(name="heldout", file=self.heldout, env=self.env or "")]
+        return [
+            s.model_copy(update={"n": s.n or self.num_prompts, "k": s.k or self.k}) for s in sets
+        ]
 
 
 class RunConfig(StrictModel):
@@ -222,6 +293,8 @@ class RunConfig(StrictModel):
     """Reward environments."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     """Sampling of completions."""
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    """Prompt format: plain text or the tokenizer's chat template, and a system prompt."""
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     """Advantage estimation."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -315,6 +388,13 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     f"dataset {d.path} names env {d.env!r}, which is not in envs {names}; "
                     "add an [[envs]] entry or fix the dataset's env"
+                )
+        for s in self.eval.resolved():
+            if s.env and s.env not in names:
+                what = f"eval.sets {s.name!r}" if self.eval.sets else "eval.env"
+                raise ValueError(
+                    f"{what} is scored by env {s.env!r}, which is not in envs {names}; "
+                    "declare [[eval.sets]] for this run's envs (file, env) or add the env"
                 )
         return self
 

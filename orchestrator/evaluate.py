@@ -1,19 +1,23 @@
-"""Offline pass@k evaluation of a HF causal LM on verifiable prompts (greedy, pass@1, pass@k).
+"""Held-out evaluation: greedy accuracy, sampled pass@1 and pass@k.
 
-Owns :func:`evaluate_passk`, used by the CLI, the tiny model's build script and
-``examples/tiny_arith/measure_passk.py``. It samples through the transformers engine
-(``inference_server.transformers_backend``), the same path RL rollouts take. Prompts are
-encoded by ``inference_server.tokens.encode_prompts`` (``<s>`` + prompt). Completions are
-scored in one batch per pass by ``score_batch(items) -> [score or None]`` (an env pool in a
-run; a plain function in the example scripts) and count as correct when the score is >= 0.5.
-An item the env could not score (None) is counted in ``errors``, not as a wrong answer.
-Sampling is seeded and does not disturb the caller's global torch RNG.
+A run evaluates on its own engines and env pools (``evaluate_sets``): every
+``[[eval.sets]]`` entry (``load_sets``: a file scored by one of the run's envs) at the
+start, every ``eval.every_steps`` steps and at the end, each group scored as soon as the
+engines hand it over. The driver never holds the model's weights for it.
+
+``evaluate_passk`` is the offline counterpart for a model in this process (the tiny
+model's build script, ``examples/tiny_arith/measure_passk.py``, the TRL bench): it samples
+through the transformers engine and scores with ``score_batch(items) -> [score or None]``,
+seeded, without disturbing the caller's global torch RNG.
+
+Both count a completion as correct when its score is >= 0.5 (``tally``); one the env could
+not score (None) is counted in ``errors``, not as a wrong answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -21,8 +25,9 @@ import torch
 from inference_server.protocol import GenerateRequest, SamplingParams
 from inference_server.tokens import encode_prompts
 from inference_server.transformers_backend import TransformersEngine
-from orchestrator.config import RunConfig
+from orchestrator.config import ConfigError, EvalSet, RunConfig
 from orchestrator.data import Prompt, check_fields, read_jsonl, required_fields
+from orchestrator.rollout import Generator, generate_scored, sampling_params, tokenize
 from orchestrator.scoring import Scorer
 from reward_envs.protocol import Item
 
@@ -82,70 +87,143 @@ def evaluate_passk(
         ]
         return [[c.text for c in res.completions] for res in engine.generate(requests)]
 
-    errors = 0
-
-    def hits(outs: list[list[str]]) -> list[int]:
-        nonlocal errors
-        fields = [{k: v for k, v in r.items() if k not in ("id", "prompt", "env")} for r in rows]
+    def scores(outs: list[list[str]]) -> list[list[float | None]]:
         items = [
-            Item(r["prompt"], c, f) for r, f, o in zip(rows, fields, outs, strict=True) for c in o
+            Item(r["prompt"], c, {k: v for k, v in r.items() if k not in ("id", "prompt", "env")})
+            for r, o in zip(rows, outs, strict=True)
+            for c in o
         ]
-        scores = iter(score_batch(items))
-        per_prompt = []
-        for o in outs:
-            got = [next(scores) for _ in o]
-            errors += sum(s is None for s in got)
-            per_prompt.append(sum(s is not None and s >= 0.5 for s in got))
-        return per_prompt
+        flat = iter(score_batch(items))
+        return [[next(flat) for _ in o] for o in outs]
 
-    greedy_hits = 0
+    greedy_scores = None
     if greedy:
-        outs = texts(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
-        greedy_hits = sum(hits(outs))
-
+        greedy_scores = scores(
+            texts(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
+        )
     device = next(model.parameters()).device
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         sampled = texts(SamplingParams(n=k, temperature=temperature, max_tokens=max_new_tokens))
-    per_prompt = hits(sampled)
-    sample_hits = sum(per_prompt)
-    solved = sum(h > 0 for h in per_prompt)
+    return tally(scores(sampled), greedy_scores)
 
-    n = len(rows)
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One ``[[eval.sets]]`` entry with its prompts, each tagged with the set's env."""
+
+    spec: EvalSet
+    prompts: list[Prompt]
+
+
+def load_sets(cfg: RunConfig) -> list[HeldOut]:
+    """The run's held-out sets (``eval.resolved()``) read and checked: each prompt is
+    scored by its set's env, which must be one of the run's envs; a row naming another env,
+    or (for the single ``eval.heldout`` set) no env at all, is an error, and so is a row
+    lacking a field its env needs."""
+    names = [e.name for e in cfg.envs]
+    sets = []
+    for spec in cfg.eval.resolved():
+        prompts = read_jsonl(spec.file)[: spec.n]
+        where = f"eval set {spec.name!r} ({spec.file})"
+        if not prompts:
+            raise ConfigError(f"{where} has no rows")
+        envs = {p.env for p in prompts if p.env}
+        env = spec.env or (envs.pop() if len(envs) == 1 else "")
+        if not env:
+            raise ConfigError(
+                f"{where}: its rows name no single env (env column: {sorted(envs) or 'none'}); "
+                "set eval.env, or declare [[eval.sets]] with file and env"
+            )
+        other = sorted(e for e in envs if e != env)
+        if other:
+            raise ConfigError(
+                f"{where} is scored by env {env!r}, but rows name env {other[0]!r}: split the "
+                "file into one set per env"
+            )
+        if env not in names:
+            raise ConfigError(
+                f"{where} is scored by env {env!r}, which is not in envs {names}; declare "
+                "[[eval.sets]] for this run's envs (file, env), or add the env"
+            )
+        needs = required_fields([e for e in cfg.envs if e.name == env]).get(env, ())
+        check_fields(prompts, where, env, needs)
+        spec = spec.model_copy(update={"env": env})
+        sets.append(HeldOut(spec, [replace(p, env=env) for p in prompts]))
+    return sets
+
+
+def evaluate_sets(
+    cfg: RunConfig,
+    sets: list[HeldOut],
+    engines: Generator,
+    scorer: Scorer,
+    tok: Any,
+    cache: dict[str, list[int]],
+) -> dict[str, EvalResult]:
+    """Greedy accuracy, sampled pass@1 and pass@k of the weights the engines serve now, per
+    set, scored by the env pools: one ``generate`` call for every set (greedy and sampled
+    requests), each group scored as soon as it is back. The driver holds no weights."""
+    sampled = sampling_params(cfg)
+    prompts: list[Prompt] = []
+    requests: list[GenerateRequest] = []
+    for h in sets:
+        k = h.spec.k or cfg.eval.k
+        kinds = [("k", sampled.model_copy(update={"n": k}))]
+        if h.spec.greedy:
+            kinds.append(("greedy", sampled.model_copy(update={"n": 1, "temperature": 0.0})))
+        for i, p in enumerate(h.prompts):
+            ids = tokenize(tok, p, cache, cfg.prompt)
+            for kind, params in kinds:
+                rid = f"eval/{h.spec.name}/{i}/{kind}"
+                requests.append(GenerateRequest(request_id=rid, sampling=params, prompt_ids=ids))
+                prompts.append(p)
+    _, scores, _ = generate_scored(engines, scorer, prompts, requests)
+    got = {r.request_id: [s.score for s in g] for r, g in zip(requests, scores, strict=True)}
+    out = {}
+    for h in sets:
+        n = len(h.prompts)
+        name = h.spec.name
+        out[name] = tally(
+            [got[f"eval/{name}/{i}/k"] for i in range(n)],
+            [got[f"eval/{name}/{i}/greedy"] for i in range(n)] if h.spec.greedy else None,
+        )
+    return out
+
+
+def tally(sampled: list[list[float | None]], greedy: list[list[float | None]] | None) -> EvalResult:
+    """``EvalResult`` from the scores of each prompt's k samples (and greedy completion);
+    a score >= 0.5 is a hit, None an error (neither right nor wrong)."""
+    n, k = len(sampled), len(sampled[0])
+    hits = [sum(s is not None and s >= 0.5 for s in row) for row in sampled]
+    errors = sum(s is None for row in sampled for s in row)
+    greedy_acc = float("nan")
+    if greedy is not None:
+        greedy_acc = sum(s is not None and s >= 0.5 for row in greedy for s in row) / n
+        errors += sum(s is None for row in greedy for s in row)
     return EvalResult(
-        greedy_acc=greedy_hits / n if greedy else float("nan"),
-        pass1=sample_hits / (n * k),
-        passk=solved / n,
+        greedy_acc=greedy_acc,
+        pass1=sum(hits) / (n * k),
+        passk=sum(h > 0 for h in hits) / n,
         n_prompts=n,
         k=k,
         errors=errors,
     )
 
 
-def evaluate_heldout(cfg: RunConfig, model: Any, tok: Any, scorer: Scorer) -> EvalResult:
-    """Greedy, sampled pass@1 and pass@k of ``model`` on the run's held-out prompts, scored
-    by the env they belong to."""
-    heldout = read_jsonl(cfg.eval.heldout)[: cfg.eval.num_prompts]
-    by_env: dict[str, list[Prompt]] = {}
-    for p in heldout:
-        by_env.setdefault(p.env or cfg.datasets[0].env, []).append(p)
-    if len(by_env) != 1:
-        raise ValueError("held-out evaluation takes prompts of one env; split the file")
-    env, prompts = next(iter(by_env.items()))
-    needs = required_fields([e for e in cfg.envs if e.name == env]).get(env, ())
-    check_fields(prompts, f"eval.heldout {cfg.eval.heldout}", env, needs)
-    rows = [{"prompt": p.text, **p.fields} for p in prompts]
-    return evaluate_passk(
-        model,
-        tok,
-        rows,
-        lambda items: [r.score for r in scorer.score(env, items)],
-        k=cfg.eval.k,
-        temperature=cfg.rollout.temperature,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=cfg.seed,
-    )
+def eval_metrics(results: dict[str, EvalResult]) -> dict[str, float]:
+    """``eval/<set>/{greedy,pass1,passk,errors}``: what a step records when it evaluates."""
+    return {
+        f"eval/{name}/{key}": float(value)
+        for name, r in results.items()
+        for key, value in (
+            ("greedy", r.greedy_acc),
+            ("pass1", r.pass1),
+            ("passk", r.passk),
+            ("errors", r.errors),
+        )
+    }
 
 
 def describe(name: str, r: EvalResult) -> str:

@@ -48,6 +48,19 @@ def export_model(model: Any, tok: Any, path: Path) -> None:
     tmp.rename(path)
 
 
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer of the HF model directory ``model_dir`` (what the driver needs of the
+    model: it never loads the weights)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").exists():
+        raise FileNotFoundError(
+            f"model dir {model_dir} has no config.json; point `model` at a "
+            "HF-format directory (hub ids are not supported offline)"
+        )
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def load_policy(cfg: RunConfig) -> tuple[Any, Any]:
     """The model in ``cfg.model`` (an HF model directory) in ``trainer.dtype``, and its
     tokenizer: the driver's copy (held-out evaluation, the run's export) and an export's."""
@@ -138,6 +151,34 @@ def export_checkpoint(ckpt: Path, out: Path, log: Callable[[str], Any] = print) 
     export_model(model, tok, out)
     log(f"exported {ckpt} to {out}")
     return Path(out)
+
+
+def export_run(run_dir: Path, base: Path, on_ray: bool, log: Callable[[str], Any] = print) -> Path:
+    """The run's trained model into ``<run_dir>/final/`` from its latest checkpoint (the
+    last step is always checkpointed); with no checkpoint (no step run) a copy of the base
+    model ``base``. On Ray the export runs as a task on a trainer node, so the driver never
+    loads the weights; in one process (``cluster.mode = "local"``) it runs here."""
+    run_dir = Path(run_dir)
+    out = run_dir / FINAL
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        tmp = out.with_name(f"{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log(f"no step was checkpointed: {out} is a copy of the base model {base}")
+        return out
+    if not on_ray:
+        return export_checkpoint(ckpt, out, log)
+    import ray
+
+    from trainer.group import TRAINER_RESOURCE
+
+    task = ray.remote(num_cpus=1, resources={TRAINER_RESOURCE: 0.001})(export_checkpoint)
+    ray.get(task.remote(ckpt, out))
+    log(f"exported {ckpt} to {out} (on a trainer node)")
+    return out
 
 
 @contextmanager

@@ -88,7 +88,7 @@ def job_request(cfg: RunConfig) -> launcher.JobRequest:
     prepared = cfg.prepared_dir or os.environ.get("CARAVELA_DATA_STORE") or run_dir / "prepared"
     data = [
         *(Path(d.path).resolve().parent for d in cfg.datasets),
-        Path(cfg.eval.heldout).resolve().parent,
+        *(Path(s.file).resolve().parent for s in cfg.eval.resolved()),
         Path(prepared).resolve(),
         *(Path(e.path).resolve() for e in cfg.envs),
         Path(cfg.env_api.state_dir or run_dir / "env-api").resolve(),

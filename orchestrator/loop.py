@@ -19,16 +19,24 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from inference_server.tokens import check_prompt_format
 from orchestrator import checkpoint, rundir
 from orchestrator.config import RunConfig
 from orchestrator.data import context_limit, required_fields
-from orchestrator.evaluate import EvalResult, describe, evaluate_heldout
-from orchestrator.export import FINAL, export_model, load_policy, served_model
+from orchestrator.evaluate import (
+    EvalResult,
+    HeldOut,
+    describe,
+    eval_metrics,
+    evaluate_sets,
+    load_sets,
+)
+from orchestrator.export import FINAL, export_run, load_policy, load_tokenizer, served_model
 from orchestrator.live import LiveEnvs
 from orchestrator.parts import Parts, open_parts
 from orchestrator.prepare import PreparedStore
@@ -53,8 +61,30 @@ Log = Any  # Callable[[str], Any]
 @dataclass
 class RunSummary:
     before: EvalResult
+    """The first held-out set's evaluation at the start (``before_sets[first]``)."""
     after: EvalResult
     history: list[dict[str, float]]
+    before_sets: dict[str, EvalResult] = field(default_factory=dict)
+    after_sets: dict[str, EvalResult] = field(default_factory=dict)
+
+
+class Evaluator:
+    """The run's held-out sets, evaluated on its engines and env pools (``evaluate_sets``)
+    with prompt ids tokenized once."""
+
+    def __init__(
+        self, cfg: RunConfig, sets: list[HeldOut], parts: Parts, tok: Any, log: Log
+    ) -> None:
+        self.cfg, self.sets, self.parts, self.tok, self.log = cfg, sets, parts, tok, log
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, when: str) -> dict[str, EvalResult]:
+        results = evaluate_sets(
+            self.cfg, self.sets, self.parts.engines, self.parts.scorer, self.tok, self.cache
+        )
+        for name, r in results.items():
+            self.log(describe(f"{when} [{name}]", r))
+        return results
 
 
 def train(
@@ -65,10 +95,15 @@ def train(
     record: Recorder,
     state: DriverState,
     tok: Any,
+    evaluate: Evaluator | None = None,
 ) -> None:
-    """Steps ``state.step`` to ``cfg.steps - 1``, advancing ``state`` (step, version)."""
+    """Steps ``state.step`` to ``cfg.steps - 1``, advancing ``state`` (step, version);
+    every ``eval.every_steps`` steps the held-out sets are evaluated first (``evaluate``)."""
     n, bound = cfg.rollout.prompts_per_step, cfg.rollout.max_staleness
-    draw = partial(rollout, parts.engines, parts.scorer, sampling_params(cfg), tok=tok, cache={})
+    sampling = sampling_params(cfg)
+    draw = partial(
+        rollout, parts.engines, parts.scorer, sampling, tok=tok, cache={}, prompt=cfg.prompt
+    )
     asked = checkpoint.Requests(Path(cfg.output_dir))
     stale_key = "groups_stale_" + ("corrected" if cfg.rollout.stale == "tis" else "dropped")
     with ThreadPoolExecutor(1) as pool:
@@ -78,6 +113,9 @@ def train(
             # sample -> generate -> score: this step's rollout was started ahead
             ready, stale = handle_stale(pending.result(), state.version, bound, cfg.rollout.stale)
             metrics = live.sync(step) if live is not None else {}  # nothing is in flight now
+            every_eval = cfg.eval.every_steps
+            if evaluate is not None and every_eval and step and step % every_eval == 0:
+                metrics |= eval_metrics(evaluate(f"step {step}"))  # weights of `step` steps
             metrics |= parts.scale(step, live.engine_requests if live else None, record.log)
             ready, refills = refill(ready, draw, sampler.sample, cfg)
             inflight = sampler.sample(n) if bound > 0 and step + 1 < cfg.steps else []
@@ -110,7 +148,7 @@ def train(
                 "version": float(state.version),
                 "step_seconds": time.perf_counter() - t0,
             }
-            record.step(step, ready.prompts, metrics)
+            record.step(step, ready.prompts, metrics, rollout=ready)
 
 
 def survive(
@@ -121,12 +159,13 @@ def survive(
     record: Recorder,
     state: DriverState,
     tok: Any,
+    evaluate: Evaluator | None = None,
 ) -> DriverState:
     """``train``, forming the trainer ranks again whenever one dies (up to
     ``trainer.max_restarts`` times), each time from the last checkpoint; the final state."""
     while True:
         try:
-            train(cfg, parts, sampler, live, record, state, tok)
+            train(cfg, parts, sampler, live, record, state, tok, evaluate)
             return state
         except TrainerDied as e:
             state = restart_trainers(cfg, parts, sampler, record, state, e)
@@ -160,7 +199,7 @@ def restart_trainers(
         state.inflight = []
     else:
         saved = checkpoint.load(ckpt)
-        state = saved.model_copy(update={"before": state.before})
+        state = saved.model_copy(update={"before": state.before, "before_sets": state.before_sets})
         if parts.trainers.load(ckpt) != state.version:
             raise ValueError(f"{ckpt}: the trainer's version differs from driver.json's")
     sampler.restore(state.sampler.model_dump(), state.inflight)
@@ -222,8 +261,7 @@ def start(
     parts: Parts,
     sampler: Prefetcher,
     live: LiveEnvs | None,
-    model: Any,
-    tok: Any,
+    evaluate: Evaluator,
     log: Log,
 ) -> DriverState:
     """A fresh start (evaluate first) or, with ``cfg.resume``, the latest checkpoint (if there
@@ -232,9 +270,10 @@ def start(
     that were in flight come first), and the engines serving the checkpoint's weights."""
     ckpt = checkpoint.latest(Path(cfg.output_dir)) if cfg.resume else None
     if ckpt is None:  # a fresh start, or a resume before any checkpoint was written
-        before = evaluate_heldout(cfg, model, tok, parts.scorer)
+        before = evaluate("before")
         sampled = SamplerState.model_validate(sampler.state())
-        return DriverState(step=0, version=0, sampler=sampled, before=before)
+        first = next(iter(before.values()))
+        return DriverState(step=0, version=0, sampler=sampled, before=first, before_sets=before)
     state = checkpoint.load(ckpt)
     version = parts.trainers.load(ckpt)
     if version != state.version:
@@ -268,7 +307,12 @@ def prompt_stream(cfg: RunConfig, log: Log) -> Prefetcher:
             log=log,
         ),
         batch_size=cfg.rollout.prompts_per_step,
-        encode=partial(encode_prompts, AutoTokenizer.from_pretrained(cfg.model)),
+        encode=partial(
+            encode_prompts,
+            AutoTokenizer.from_pretrained(cfg.model),
+            format=cfg.prompt.format,
+            system=cfg.prompt.system,
+        ),
         max_prompt_tokens=None if context is None else context - cfg.rollout.max_new_tokens,
     )
 
@@ -299,12 +343,14 @@ def run(cfg: RunConfig, log: Log = print, overwrite: bool = False) -> RunSummary
     (``orchestrator.rundir``). The last step is checkpointed and the trained model written
     to ``<output_dir>/final/`` (HF format)."""
     out_dir = Path(cfg.output_dir)
-    reads = [cfg.model, cfg.eval.heldout, *(d.path for d in cfg.datasets)]
+    reads = [cfg.model, *(s.file for s in cfg.eval.resolved()), *(d.path for d in cfg.datasets)]
     rundir.claim(out_dir, cfg.resume, overwrite, reads, log)
     cfg = concrete_backend(cfg, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    model, tok = load_policy(cfg)
+    tok = load_tokenizer(cfg.model)  # the driver never loads the weights
+    check_prompt_format(tok, cfg.prompt.format, cfg.model)  # before any engine starts
+    sets = load_sets(cfg)  # so is a held-out set that no env of the run scores
     with ExitStack() as stack:
         parts = stack.enter_context(open_parts(cfg, tok, log))
         sampler = stack.enter_context(prompt_stream(cfg, log))
@@ -312,30 +358,37 @@ def run(cfg: RunConfig, log: Log = print, overwrite: bool = False) -> RunSummary
         if cfg.env_api.enabled:
             live = LiveEnvs(cfg, parts.scorer, sampler, log)
             stack.callback(live.close)
-        state = start(cfg, parts, sampler, live, model, tok, log)
-        log(describe("before", state.before))
+        evaluate = Evaluator(cfg, sets, parts, tok, log)
+        state = start(cfg, parts, sampler, live, evaluate, log)
+        if not state.before_sets:  # a checkpoint of an earlier version: the headline only
+            state.before_sets = {evaluate.sets[0].spec.name: state.before}
         with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log, cfg) as record:
-            state = survive(cfg, parts, sampler, live, record, state, tok)
-        model.load_state_dict(parts.trainers.state_dict(list(model.state_dict())))
-        export_model(model, tok, out_dir / FINAL)
+            state = survive(cfg, parts, sampler, live, record, state, tok, evaluate)
+        after = evaluate("after")  # the engines serve the last step's weights
+        export_run(out_dir, cfg.model, parts.on_ray, log)
         log(f"trained model: {out_dir / FINAL} (HF format: caravela serve / eval take it)")
-        after = evaluate_heldout(cfg, model, tok, parts.scorer)
-    log(describe("after ", after))
-    write_report(out_dir, state.before, after, record.history)
-    return RunSummary(before=state.before, after=after, history=record.history)
+    first = next(iter(after.values()))
+    write_report(out_dir, state.before_sets, after, record.history)
+    return RunSummary(state.before, first, record.history, state.before_sets, after)
 
 
-def evaluate_only(cfg: RunConfig, log: Log = print) -> EvalResult:
-    """``caravela eval``: the held-out evaluation of ``cfg.model`` (an HF model directory, a
-    run directory or a checkpoint: ``orchestrator.export.served_model``), in this process."""
+def evaluate_only(cfg: RunConfig, log: Log = print) -> dict[str, EvalResult]:
+    """``caravela eval``: the held-out sets of ``cfg`` evaluated on ``cfg.model`` (an HF
+    model directory, a run directory or a checkpoint: ``orchestrator.export.served_model``),
+    with one transformers engine and a pool per env in this process."""
+    from inference_server.local_router import LocalRouter
+    from inference_server.transformers_backend import TransformersEngine
     from reward_envs.scorer import LocalScorer
 
+    sets = load_sets(cfg)
     with served_model(cfg.model, log) as model_dir:
         model, tok = load_policy(cfg.model_copy(update={"model": model_dir}))
+    engines = LocalRouter({"eval": TransformersEngine(model, tok)})
     scorer = LocalScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     try:
-        result = evaluate_heldout(cfg, model, tok, scorer)
+        results = evaluate_sets(cfg, sets, engines, scorer, tok, {})
     finally:
         scorer.close()
-    log(describe("eval", result))
-    return result
+    for name, r in results.items():
+        log(describe(f"eval [{name}]", r))
+    return results

@@ -242,7 +242,8 @@ def _probe(cfg: RunConfig, tok: Any) -> tuple[list[str], list[list[int]], float,
     tol = cfg.inference.probe_tolerance or PROBE_TOLERANCE[cfg.trainer.dtype]
     bucket = (backend.bucket_mb << 20) if backend.type == "vllm" else 1 << 20
     cache: dict[str, list[int]] = {}
-    probe = [tokenize(tok, p, cache) for p in read_jsonl(cfg.eval.heldout)[:n]]
+    heldout = read_jsonl(cfg.eval.resolved()[0].file)[:n]  # the first held-out set's
+    probe = [tokenize(tok, p, cache, cfg.prompt) for p in heldout]
     return sorted(served_shapes(cfg.model)), probe, tol, bucket
 
 
@@ -260,7 +261,10 @@ def local_parts(cfg: RunConfig, tok: Any) -> Parts:
 
     backend = cfg.inference.backend
     trainers = LocalTrainerGroup(cfg.model, cfg.trainer, total_updates(cfg))
-    engines = LocalRouter(start_local_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed))
+    engines = LocalRouter(
+        start_local_engines(backend, cfg.model, cfg.trainer.dtype, cfg.seed),
+        cfg.inference.calls_per_engine,
+    )
     try:
         scorer = LocalScorer(cfg.envs, log_dir=Path(cfg.output_dir) / "envs")
     except BaseException:

@@ -65,6 +65,8 @@ class DriverState(BaseModel):
     live_envs: dict[str, LiveEnv] = Field(default_factory=dict)
     """Envs that joined through the env API, by name; re-joined before the sampler resumes."""
     before: EvalResult
-    """Held-out evaluation before training (kept for the report)."""
+    """Held-out evaluation before training of the first set (kept for the report)."""
+    before_sets: dict[str, EvalResult] = Field(default_factory=dict)
+    """The same per ``[[eval.sets]]`` entry, by name."""
     steps_without_batch: int = Field(0, ge=0)
     """Steps so far where no group taught (nothing trained, nothing pushed)."""

@@ -19,9 +19,9 @@ import torch
 
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
 from inference_server.tokens import encode_prompts
-from orchestrator.config import RunConfig
+from orchestrator.config import PromptConfig, RunConfig
 from orchestrator.data import Prompt
-from orchestrator.scoring import Scorer, score_groups
+from orchestrator.scoring import Scorer, Streaming
 from reward_envs.protocol import RewardResult
 from trainer.advantages import compute_advantages, zero_variance_groups
 from trainer.protocol import TrainBatch, TrainSample
@@ -30,7 +30,11 @@ from trainer.protocol import TrainBatch, TrainSample
 class Generator(Protocol):
     """``inference_server.router.EngineRouter`` or ``LocalRouter``."""
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
+    def generate(
+        self,
+        requests: Sequence[GenerateRequest],
+        on_result: Callable[[GenerateResult], Any] | None = None,
+    ) -> list[GenerateResult]: ...
 
 
 @dataclass
@@ -47,17 +51,25 @@ class Rollout:
 def sampling_params(cfg: RunConfig) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(
-        n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens
+        n=r.group_size,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_tokens=r.max_new_tokens,
+        stop=r.stop,
     )
 
 
-def tokenize(tok: Any, p: Prompt, cache: dict[str, list[int]]) -> list[int]:
-    """``<s>`` + prompt token ids: prepared ahead (``caravela data prepare``, or the
-    prefetcher), else tokenized once per prompt per run."""
+def tokenize(
+    tok: Any, p: Prompt, cache: dict[str, list[int]], prompt: PromptConfig | None = None
+) -> list[int]:
+    """The prompt's token ids in ``prompt``'s format (default: plain, ``<s>`` + text):
+    prepared ahead (``caravela data prepare``, or the prefetcher), else tokenized once per
+    prompt per run."""
     if p.prompt_ids is not None:
         return list(p.prompt_ids)
     if p.id not in cache:
-        (cache[p.id],) = encode_prompts(tok, [p.text])
+        fmt = prompt or PromptConfig()
+        (cache[p.id],) = encode_prompts(tok, [p.text], fmt.format, fmt.system)
     return cache[p.id]
 
 
@@ -68,24 +80,47 @@ def rollout(
     prompts: list[Prompt],
     tok: Any,
     cache: dict[str, list[int]],
+    prompt: PromptConfig | None = None,
 ) -> Rollout:
     """Generate ``sampling.n`` completions per prompt, then score each with its env. A prompt
     drawn twice for one step (a dataset smaller than its share of the step) is two groups:
-    its second request is ``<id>#2``."""
+    its second request is ``<id>#2``. Prompts not tokenized ahead are encoded in ``prompt``'s
+    format."""
     seen: Counter[str] = Counter()
     requests = []
     for p in prompts:
         seen[p.id] += 1
         rid = p.id if seen[p.id] == 1 else f"{p.id}#{seen[p.id]}"
-        requests.append(
-            GenerateRequest(request_id=rid, sampling=sampling, prompt_ids=tokenize(tok, p, cache))
-        )
-    t0 = time.perf_counter()
-    results = engines.generate(requests)
-    t1 = time.perf_counter()
-    scores = score_groups(scorer, prompts, results)
-    seconds = {"seconds/generate": t1 - t0, "seconds/score": time.perf_counter() - t1}
+        ids = tokenize(tok, p, cache, prompt)
+        requests.append(GenerateRequest(request_id=rid, sampling=sampling, prompt_ids=ids))
+    results, scores, seconds = generate_scored(engines, scorer, prompts, requests)
     return Rollout(prompts, requests, results, scores, seconds)
+
+
+def generate_scored(
+    engines: Generator,
+    scorer: Scorer,
+    prompts: Sequence[Prompt],
+    requests: Sequence[GenerateRequest],
+) -> tuple[list[GenerateResult], list[list[RewardResult]], dict[str, float]]:
+    """The engines' results for ``requests`` (``requests[i]`` asks for ``prompts[i]``) and
+    their rewards, each group scored by its env as soon as the engines hand it over
+    (``orchestrator.scoring.Streaming``). Seconds: generating, pool calls (summed over
+    envs), and the tail from the last completion to the last reward."""
+    stream = Streaming(scorer, prompts, [r.request_id for r in requests])
+    t0 = time.perf_counter()
+    try:
+        results = engines.generate(requests, on_result=stream.add)
+        t1 = time.perf_counter()
+        scores = stream.wait()
+    finally:
+        stream.close()
+    seconds = {
+        "seconds/generate": t1 - t0,
+        "seconds/score": stream.busy_s,
+        "seconds/score_tail": time.perf_counter() - t1,
+    }
+    return results, scores, seconds
 
 
 def select(r: Rollout, keep: list[int]) -> Rollout:
@@ -184,6 +219,8 @@ def build_batch(
         "response_len_max": float(max(lengths, default=0)),
         "truncation_rate": sum(c.finish_reason == "length" for c in completions)
         / max(1, len(lengths)),
+        # completions cut by max_new_tokens (neither EOS nor a stop string ended them)
+        "truncated": float(sum(c.finish_reason == "length" for c in completions)),
         **{f"reward_mean/{env}": sum(v) / len(v) for env, v in by_env.items() if v},
         "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
         "groups_kept": float(kept),
