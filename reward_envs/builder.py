@@ -14,6 +14,12 @@ Air-gapped compute nodes: build on the login node (``caravela env build``), or
 build offline from a read-only wheelhouse (``--offline --wheelhouse DIR``,
 installs with ``--no-index --find-links``); a read-only uv cache does not work
 (uv takes a lock in it, DESIGN.md).
+
+What gets installed is read by ``reward_envs.requirements`` before anything runs (an option or
+URL an env is not allowed refuses the build, naming the file and line); uv gets a file written
+from that reading, the index of the ``RequirementPolicy`` (or the wheelhouse), ``--no-config``
+and an environment without ``UV_*``/``PIP_*`` settings, so nothing an env ships and no setting
+outside Caravela's chooses where packages come from.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,11 +41,21 @@ from pydantic import TypeAdapter
 from reward_envs import containers
 from reward_envs.config import Isolation
 from reward_envs.manifest import Manifest, load_manifest
+from reward_envs.requirements import (
+    RequirementError,
+    RequirementPolicy,
+    Requirements,
+    read_env_requirements,
+)
 
 _ISOLATION: TypeAdapter[Isolation] = TypeAdapter(Isolation)
 
 SHIM_FILES = ("protocol.py", "worker.py")
 SHIM_PACKAGE = "caravela_env_worker"
+KEEP_ENV = {"UV_CACHE_DIR"}
+"""The only ``UV_*``/``PIP_*`` variables a build passes on to uv (where its cache is)."""
+INSTALL_FILE = "install-requirements.txt"
+CONSTRAINTS_FILE = "install-constraints.txt"
 HERE = Path(__file__).resolve().parent
 
 
@@ -149,12 +166,22 @@ def _uv() -> str:
     return str(find_uv_bin())
 
 
-def _run(cmd: list[str], manifest: Manifest, what: str, hint: str = "") -> None:
-    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def uv_environ() -> dict[str, str]:
+    """Caravela's environment without uv's and pip's settings (indexes, find-links, config
+    files), which would otherwise choose where packages come from; ``KEEP_ENV`` stays."""
+    env = {
+        k: v for k, v in os.environ.items() if k in KEEP_ENV or not k.startswith(("UV_", "PIP_"))
+    }
+    return {**env, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+
+
+def _run(
+    cmd: list[str], manifest: Manifest, what: str, hint: str = "", names: Sequence[str] = ()
+) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=uv_environ())
     if proc.returncode != 0:
         err = proc.stderr.strip()
-        named = [r for r in manifest.requirements if _req_name(r) in err.lower()]
+        named = [r for r in names if _req_name(r) in err.lower()]
         culprit = f" (failing: {', '.join(named)})" if named else ""
         raise EnvBuildError(f"env {manifest.name!r}: {what} failed{culprit}.{hint}\n{err[-3000:]}")
 
@@ -171,10 +198,18 @@ def build(
     store: Path | None = None,
     offline: bool = False,
     wheelhouse: Path | None = None,
+    policy: RequirementPolicy | None = None,
 ) -> BuiltEnv:
-    """Build (or find) the env's venv in ``store``; returns the entry."""
+    """Build (or find) the env's venv in ``store``; returns the entry. What it installs is
+    checked against ``policy`` (default: nothing but plain requirements) first, even when
+    the env is built already: ``EnvBuildError`` names the file and line refused."""
     env_dir = Path(env_dir).resolve()
     manifest = load_manifest(env_dir)
+    policy = policy or RequirementPolicy()
+    try:
+        reqs = read_env_requirements(env_dir, manifest.requirements, manifest.lock, policy)
+    except RequirementError as e:
+        raise EnvBuildError(f"env {manifest.name!r}: refused before building: {e}") from None
     store = Path(store or default_store())
     found = find_built(env_dir, store)
     if found is not None:
@@ -190,13 +225,16 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
         try:
-            _build_into(tmp, env_dir, manifest, offline, wheelhouse)
+            index = _build_into(tmp, env_dir, manifest, reqs, policy, offline, wheelhouse)
             record = {
                 "name": manifest.name,
                 "version": manifest.version,
                 "build_hash": digest,
                 "requirements": manifest.requirements,
                 "lock": manifest.lock,
+                "installed": reqs.requirements,
+                "constraints": reqs.constraints,
+                "index": index,
                 "python": sys.version.split()[0],
                 "offline": offline,
                 "wheelhouse": str(wheelhouse) if wheelhouse else None,
@@ -210,33 +248,54 @@ def build(
 
 
 def _build_into(
-    tmp: Path, env_dir: Path, manifest: Manifest, offline: bool, wheelhouse: Path | None
-) -> None:
+    tmp: Path,
+    env_dir: Path,
+    manifest: Manifest,
+    reqs: Requirements,
+    policy: RequirementPolicy,
+    offline: bool,
+    wheelhouse: Path | None,
+) -> list[str]:
+    """Make the venv in ``tmp`` and install ``reqs`` into it; the sources it installed from."""
     uv = _uv()
     base = getattr(sys, "_base_executable", sys.executable)
-    _run([uv, "venv", "--relocatable", "--python", base, str(tmp / "venv")], manifest, "uv venv")
+    venv = [uv, "venv", "--no-config", "--relocatable", "--python", base, str(tmp / "venv")]
+    _run(venv, manifest, "uv venv")
     python = str(tmp / "venv" / "bin" / "python")
-    reqs = list(manifest.requirements)
-    if manifest.lock:
-        reqs = ["-r", str(env_dir / manifest.lock)]
-    if reqs:
-        cmd = [uv, "pip", "install", "--python", python, *reqs]
-        what, hint = f"installing {' '.join(manifest.requirements or reqs)}", ""
-        if offline or wheelhouse:
-            cmd.append("--offline")
+    sources: list[str] = []
+    if reqs.requirements:
+        (tmp / INSTALL_FILE).write_text("\n".join(reqs.requirements) + "\n")
+        cmd = [uv, "pip", "install", "--no-config", "--python", python]
+        cmd += ["-r", str(tmp / INSTALL_FILE)]
+        if reqs.constraints:
+            (tmp / CONSTRAINTS_FILE).write_text("\n".join(reqs.constraints) + "\n")
+            cmd += ["-c", str(tmp / CONSTRAINTS_FILE)]
+        what, hint = f"installing {' '.join(reqs.names())}", ""
         if wheelhouse:
-            cmd += ["--no-index", "--find-links", str(wheelhouse)]
+            sources = [str(wheelhouse)]
+            cmd += ["--offline", "--no-index", "--find-links", str(wheelhouse)]
             what += f" offline from the wheelhouse {wheelhouse} (no package index)"
             hint = (
                 f" Add the missing wheels to {wheelhouse} on a machine with internet "
                 f"(`pip download -d {wheelhouse} <requirement>`), or build the env there "
                 "(`caravela env build`)."
             )
-        elif offline:
-            what += " offline (uv cache only)"
-        _run(cmd, manifest, what, hint)
+        else:
+            index = reqs.index_url or policy.index_url
+            sources = [*reqs.extra_index_urls, index]
+            cmd += ["--default-index", index]
+            for url in reqs.extra_index_urls:
+                cmd += ["--index", url]
+            if offline:
+                cmd.append("--offline")
+                what += " offline (uv cache only)"
+        for links in reqs.find_links:
+            cmd += ["--find-links", links]
+        sources += reqs.find_links
+        _run(cmd, manifest, what, hint, reqs.names())
     shutil.copytree(env_dir, tmp / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     install_shim(next((tmp / "venv" / "lib").glob("python3*/site-packages")))
+    return sources
 
 
 def install_shim(target: Path) -> Path:
@@ -279,6 +338,7 @@ def prepare(env_dir: Path, isolation: Isolation | str, store: Path | None = None
             isolation.store or store,
             offline=isolation.offline,
             wheelhouse=isolation.wheelhouse,
+            policy=isolation.requirements,
         )
     name = load_manifest(env_dir).name
     build_hash, settings = containers.prepare_container(

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from common.config import StrictModel
 from reward_envs.manifest import load_manifest
+from reward_envs.requirements import RequirementPolicy
 
 ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -33,6 +34,9 @@ class VenvIsolation(StrictModel):
     """Build without network access (uv ``--offline``), from the uv cache or ``wheelhouse``."""
     wheelhouse: Path | None = None
     """Directory of wheels to build from with no index (air-gapped nodes); read-only is fine."""
+    requirements: RequirementPolicy = Field(default_factory=RequirementPolicy)
+    """The index builds install from and what an env's requirement files may name beyond plain
+    requirements (index URLs, find-links directories, includes); default: PyPI, nothing."""
 
 
 class DockerIsolation(StrictModel):

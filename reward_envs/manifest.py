@@ -6,10 +6,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.config import StrictModel
 from reward_envs.protocol import Item
+from reward_envs.requirements import parse_requirement
 
 
 class ExampleItem(StrictModel):
@@ -46,10 +47,13 @@ class Manifest(StrictModel):
     Python (trusted envs only); ``docker`` or ``apptainer``, for which that entry must give
     the image."""
     requirements: list[str] = Field(default_factory=list)
-    """pip requirement specifiers installed into the env's venv."""
+    """pip requirement specifiers installed into the env's venv: a name with extras, version
+    specifiers, markers and ``--hash`` options; options, URLs and paths are refused
+    (``reward_envs.requirements``)."""
     lock: str | None = None
     """A requirements lock file in the env directory (e.g. from ``uv pip compile``); when
-    set it is installed instead of ``requirements``."""
+    set it is installed instead of ``requirements``. Read with the same rules, line by line,
+    when the env is built."""
     timeout_s: float = Field(10.0, gt=0)
     """Hard per-item timeout: past it the worker is killed and the item is an error."""
     concurrency: int = Field(64, ge=1)
@@ -65,6 +69,22 @@ class Manifest(StrictModel):
     names). Empty: nothing is checked."""
     examples: list[ExampleItem] = Field(default_factory=list)
     """Items with their expected scores."""
+
+    @field_validator("requirements")
+    @classmethod
+    def _requirements(cls, v: list[str]) -> list[str]:
+        for i, r in enumerate(v):
+            parse_requirement(r, f"requirements[{i}]")  # RequirementError is a ValueError
+        return v
+
+    @field_validator("lock")
+    @classmethod
+    def _lock(cls, v: str | None) -> str | None:
+        if v is not None and (
+            not v.strip() or "\0" in v or Path(v).is_absolute() or ".." in Path(v).parts
+        ):
+            raise ValueError(f"lock {v!r} must be a file name relative to the env directory")
+        return v
 
     @model_validator(mode="after")
     def _examples_carry_required_fields(self) -> Manifest:

@@ -52,7 +52,9 @@ def effective_isolation(m: Manifest, requested: Isolation | None) -> Isolation:
 
 def manifest_problems(m: Manifest) -> list[str]:
     """What keeps a manifest from being registered (empty when it is fine); its isolation is
-    checked by ``effective_isolation``, as a request may override it."""
+    checked by ``effective_isolation``, as a request may override it. Its ``requirements``
+    were checked when it was read (``Manifest``); its lock file is read on registration
+    (``Registry``), against the server's ``RequirementPolicy``."""
     problems = []
     if not ENV_NAME.match(m.name):
         problems.append(
@@ -61,7 +63,6 @@ def manifest_problems(m: Manifest) -> list[str]:
         )
     if m.lock is not None and not ENV_FILE.match(m.lock):
         problems.append(f"lock {m.lock!r} must be a plain relative file name in the env dir")
-    problems += [f"requirement {r!r} looks like an option" for r in m.requirements if _opt(r)]
     if not m.timeout_s <= MAX_TIMEOUT_S:
         problems.append(f"timeout_s {m.timeout_s} is above {MAX_TIMEOUT_S:g}")
     if len(m.examples) > MAX_EXAMPLES:
@@ -70,10 +71,6 @@ def manifest_problems(m: Manifest) -> list[str]:
     if bad:
         problems.append(f"examples {bad}: expected_score must be a finite number")
     return problems
-
-
-def _opt(requirement: str) -> bool:
-    return requirement.lstrip().startswith("-") or "\n" in requirement
 
 
 class _Model(BaseModel):

@@ -26,6 +26,7 @@ from reward_envs.config import VenvIsolation
 from reward_envs.manifest import Manifest, load_manifest
 from reward_envs.pool import EnvStartError
 from reward_envs.protocol import Item, RewardResult
+from reward_envs.requirements import read_env_requirements
 
 from . import admission
 from .inline import write_env
@@ -59,9 +60,13 @@ class Registry:
         self.settings = settings
         self.store = settings.store or default_store()
         self.venv = VenvIsolation(
-            store=self.store, offline=settings.offline, wheelhouse=settings.wheelhouse
+            store=self.store,
+            offline=settings.offline,
+            wheelhouse=settings.wheelhouse,
+            requirements=settings.requirements,
         )
-        """How venv-isolated envs are built: into ``store``, offline when configured."""
+        """How venv-isolated envs are built: into ``store``, offline when configured, from the
+        index (or wheelhouse) and with the requirement options the settings allow."""
         self.metrics = metrics
         self._lock = threading.Lock()
         self._records: dict[str, EnvRecord] = {}
@@ -156,6 +161,10 @@ class Registry:
             problems.append(str(e))
         if problems:
             raise ValueError(f"{path / 'caravela-env.toml'}: {'; '.join(problems)}")
+        try:
+            self._check_requirements(path, manifest)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return self._register(manifest, path, "path", isolation, replace, mixture)
 
     def register_inline(
@@ -172,10 +181,18 @@ class Registry:
                 raise EnvExists(manifest.name)
         env_dir = write_env(self.settings.inline_dir, manifest, files)
         try:
+            self._check_requirements(env_dir, manifest)
             return self._register(manifest, env_dir, "inline", isolation, replace, mixture)
-        except EnvExists:
+        except (EnvExists, ValueError):
             shutil.rmtree(env_dir, ignore_errors=True)
             raise
+
+    def _check_requirements(self, env_dir: Path, manifest: Manifest) -> None:
+        """``RequirementError`` (a ``ValueError``: 422) when the env's requirements, lock file
+        or a file it includes names what the settings do not allow; the builder checks again."""
+        read_env_requirements(
+            env_dir, manifest.requirements, manifest.lock, self.settings.requirements
+        )
 
     def _register(
         self,

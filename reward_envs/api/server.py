@@ -15,7 +15,7 @@ def serve(
     host: str = "127.0.0.1", port: int = 8000, state_dir: Path = Path("env-api"), **settings: object
 ) -> None:
     """Serve until interrupted; ``settings`` are further ``ApiSettings`` fields (``store``,
-    ``offline``, ``wheelhouse``)."""
+    ``offline``, ``wheelhouse``, ``requirements``)."""
     import uvicorn
 
     from .main import create_app
@@ -43,6 +43,27 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, help="env build store (default $CARAVELA_ENV_STORE)")
     p.add_argument("--offline", action="store_true", help="build venvs with no network")
     p.add_argument("--wheelhouse", type=Path, help="build venvs only from this wheel directory")
+    p.add_argument("--index-url", help="the package index venvs build from (default PyPI)")
+    p.add_argument(
+        "--allow-index-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an index URL envs' requirement files may name (repeatable; default none)",
+    )
+    p.add_argument(
+        "--allow-find-links",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a directory envs' requirement files may name with --find-links (repeatable)",
+    )
+    p.add_argument(
+        "--allow-includes",
+        action="store_true",
+        help="let envs' requirement files include (-r/-c) files in the env directory",
+    )
 
 
 def serve_from(args: argparse.Namespace) -> None:
@@ -54,6 +75,12 @@ def serve_from(args: argparse.Namespace) -> None:
         store=args.store,
         offline=args.offline,
         wheelhouse=args.wheelhouse,
+        requirements={
+            **({"index_url": args.index_url} if args.index_url else {}),
+            "allow_index_urls": args.allow_index_url,
+            "allow_find_links": args.allow_find_links,
+            "allow_includes": args.allow_includes,
+        },
     )
 
 

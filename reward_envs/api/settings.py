@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from common.config import StrictModel
+from reward_envs.requirements import RequirementPolicy
 
 
 class ApiSettings(StrictModel):
@@ -23,6 +24,11 @@ class ApiSettings(StrictModel):
     wheelhouse: Path | None = None
     """Directory of wheels venvs are built from with no package index (``--no-index
     --find-links``; implies ``offline``): how an air-gapped head node builds."""
+    requirements: RequirementPolicy = Field(default_factory=RequirementPolicy)
+    """The index venv builds install from, and what registered envs' requirement files may
+    name beyond plain requirements: ``index_url``, ``allow_index_urls``, ``allow_find_links``,
+    ``allow_includes`` (default: PyPI; no option, URL, path or include). A registration
+    naming anything else is refused with 422 naming the file and line."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get 413."""
     pool_workers: int = Field(2, ge=1, le=64)
