@@ -5,6 +5,12 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 ``--host`` says otherwise: the server has no authentication of its own, so expose
 it only through an SSH tunnel or behind the cluster's own access control.
 
+Request bodies pass ``common.http``'s guard: NaN, Infinity, numbers that overflow a float
+and strings that are not valid Unicode get a 422 naming the field. A prompt whose tokens plus
+``max_tokens`` exceed the model's context gets a 400 saying the numbers, as OpenAI's API
+does (never a silent clamp). Error bodies carry FastAPI's ``detail`` and OpenAI's ``error``
+object, whose ``message`` OpenAI's clients show in their exceptions.
+
 Handlers call the engine from FastAPI's thread pool. Engines are thread-safe:
 the vLLM engine batches concurrent HTTP requests together, the transformers
 engine serves them one at a time.
@@ -14,15 +20,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from common.http import SafeJSONResponse, install
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
 from inference_server.tokens import encode_prompts
+
+StopString = Annotated[str, StringConstraints(min_length=1)]
 
 
 class _Sampling(BaseModel):
@@ -33,8 +42,8 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
 
     def params(self) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -129,7 +138,8 @@ class Health(BaseModel):
 
 def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
     """An app serving ``engine`` (any object with ``generate`` and ``version``)."""
-    app = FastAPI(title="Caravela inference server")
+    app = FastAPI(title="Caravela inference server", default_response_class=SafeJSONResponse)
+    install(app, openai_errors=True)  # body guard; error bodies as OpenAI's clients read them
     started = int(time.time())
     registry = CollectorRegistry()
     requests_total = Counter(
@@ -149,7 +159,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         ]
         try:
             results = engine.generate(reqs)
-        except ValueError as e:  # e.g. prompt + max_tokens longer than the context
+        except ValueError as e:  # ContextLengthError: prompt + max_tokens exceed the context
             raise HTTPException(status_code=400, detail=str(e)) from None
         tokens_total.inc(sum(len(c.token_ids) for r in results for c in r.completions))
         return results

@@ -23,6 +23,7 @@ import torch
 from common.logprobs import sequence_logprobs
 from common.transfer import TensorMeta, TransferGroup, buckets
 from common.weights import HostState, weights_checksum
+from inference_server.context import check_context, model_context
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
 from inference_server.weights import as_tensors, check_update, probe_diff, served_shapes
 
@@ -40,6 +41,8 @@ class TransformersEngine:
         self.version = 0
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.context = model_context(model.config)
+        """Prompt + max_tokens limit (the config's ``max_position_embeddings``); None: none."""
         self.lock = threading.Lock()
 
     def served_version(self) -> int:
@@ -59,7 +62,10 @@ class TransformersEngine:
         return os.getpid()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Sample ``sampling.n`` completions per request; one call's requests share params."""
+        """Sample ``sampling.n`` completions per request; one call's requests share params.
+        Raises ``ContextLengthError`` (nothing generated) if a request does not fit."""
+        for r in requests:
+            check_context(r, self.context)
         if not requests:
             return []
         groups: dict[str, list[int]] = {}

@@ -36,6 +36,7 @@ import torch
 
 from common.transfer import TensorMeta, buckets
 from common.weights import HostState
+from inference_server.context import check_context
 from inference_server.protocol import Completion, GenerateRequest, GenerateResult, SamplingParams
 from inference_server.weight_sync import TransferInit, TransferUpdate
 from inference_server.weights import (
@@ -156,13 +157,8 @@ class VLLMEngine:
 
     # -- generation -----------------------------------------------------------------------
     def check(self, request: GenerateRequest) -> None:
-        need = len(request.prompt_ids) + request.sampling.max_tokens
-        if need > self.max_model_len:
-            raise ValueError(
-                f"request {request.request_id}: {len(request.prompt_ids)} prompt tokens + "
-                f"max_tokens {request.sampling.max_tokens} exceed the context of "
-                f"{self.max_model_len}; shorten the prompt or lower max_tokens"
-            )
+        """Raise ``ContextLengthError`` if prompt + max_tokens exceed ``max_model_len``."""
+        check_context(request, self.max_model_len)
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         """Sample ``sampling.n`` completions per request; logprobs after temperature."""

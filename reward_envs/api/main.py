@@ -6,10 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
 
-from .errors import SafeJSONResponse, http_error, validation_error
+from common.http import SafeJSONResponse, install
+
 from .limits import BodySizeLimit
 from .metrics import ApiMetrics
 from .registry import Registry
@@ -42,8 +41,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.metrics = ApiMetrics()
     app.state.registry = Registry(settings, app.state.metrics)
     app.state.token_file = settings.token_file
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
+    install(app)  # JSON body guard and error handlers, inside the size limit
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(envs.router)
