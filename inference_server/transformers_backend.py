@@ -28,6 +28,40 @@ from inference_server.protocol import Completion, GenerateRequest, GenerateResul
 from inference_server.weights import as_tensors, check_update, probe_diff, served_shapes
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (without) the stop string that ends first in it (ties: the first in
+    ``stop``), as vLLM cuts it; all of ``text`` if none occurs."""
+    found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]
+    return text[: min(found, key=lambda f: f[0])[1]] if found else text
+
+
+class StopStrings:
+    """A ``generate`` stopping criterion (HF's ``StoppingCriteria`` interface): ends a row at
+    the first token after which its decoded completion contains one of ``stop``, and records
+    that length (``ends``: row -> tokens).
+
+    The same rule vLLM applies (its default ``include_stop_str_in_output=False``): the
+    completion's token ids and logprobs run to, and include, the token that completed the
+    stop string (the model sampled it, the trainer trains on it, as on EOS); the text ends
+    before the stop string (``cut_at_stop``). Rows already ended by EOS are left to HF."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], width: int, eos_id: int | None):
+        self.tokenizer, self.stop, self.width, self.eos_id = tokenizer, list(stop), width, eos_id
+        self.ends: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        rows = input_ids[:, self.width :].tolist()
+        todo = [i for i, r in enumerate(rows) if i not in self.ends and self.eos_id not in r]
+        # (batch_decode([]) would decode one empty row)
+        texts = self.tokenizer.batch_decode([rows[i] for i in todo], skip_special_tokens=True)
+        for i, text in zip(todo, texts if todo else [], strict=True):
+            if any(s in text for s in self.stop):
+                self.ends[i] = len(rows[i])
+        done = torch.zeros(len(rows), dtype=torch.bool, device=input_ids.device)
+        done[list(self.ends)] = True
+        return done
+
+
 class TransformersEngine:
     """Generates completions for tokenized prompts with a HF causal LM."""
 
@@ -112,8 +146,11 @@ class TransformersEngine:
         if p.temperature > 0:
             sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
             sampling["top_k"] = p.top_k  # 0 = off (HF's generation default would be 50)
-        if p.stop:
-            sampling.update(stop_strings=p.stop, tokenizer=self.tokenizer)
+        stops = StopStrings(self.tokenizer, p.stop, width, self.eos_id) if p.stop else None
+        if stops is not None:
+            from transformers import StoppingCriteriaList
+
+            sampling["stopping_criteria"] = StoppingCriteriaList([stops])
         out = self.model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -128,16 +165,21 @@ class TransformersEngine:
         scores = torch.stack(out.scores, dim=1).float().cpu()  # [B, steps, V], processed logits
         logps = torch.log_softmax(scores, dim=-1).gather(2, new[:, :, None])[:, :, 0]
         result = []
-        for row, lp in zip(new.tolist(), logps.tolist(), strict=True):
+        for i, (row, lp) in enumerate(zip(new.tolist(), logps.tolist(), strict=True)):
             end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             while end > 0 and row[end - 1] == self.pad_id and self.pad_id != self.eos_id:
-                end -= 1  # padding after a stop string ended this row early
-            reason = "stop" if end < p.max_tokens or row[end - 1] == self.eos_id else "length"
+                end -= 1  # padding after the row ended early
+            stopped = stops is not None and i in stops.ends
+            if stops is not None and stopped:
+                end = stops.ends[i]  # the token that completed a stop string ends the row
+            ended = stopped or end < p.max_tokens or row[end - 1] == self.eos_id
+            reason = "stop" if ended else "length"
             tokens = row[:end]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             result.append(
                 Completion(
                     token_ids=tokens,
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    text=cut_at_stop(text, p.stop),
                     logprobs=lp[:end],
                     finish_reason=reason,
                     policy_version=self.version,

@@ -3,11 +3,13 @@
     caravela data prepare [CONFIG] [--set KEY=VALUE ...] [--workers N]
 
 tokenizes every dataset of the config (``datasets`` and ``eval.heldout``) with the run's
-tokenizer, exactly as the loop would (``inference_server.tokens.encode_prompts``), in
-``N`` worker processes, into ``<store>/<key>.parquet`` (columns ``id`` and ``prompt_ids``,
-in file order). The key hashes the dataset file's bytes, its id/prompt columns, the
-tokenizer's files and the tokenizers/transformers versions: an unchanged dataset is never
-tokenized twice, a changed one or another tokenizer gets a new file. Files are written
+tokenizer and prompt format (``[prompt]``), exactly as the loop would
+(``inference_server.tokens.encode_prompts``), in ``N`` worker processes, into
+``<store>/<key>.parquet`` (columns ``id`` and ``prompt_ids``, in file order). The key hashes
+the dataset file's bytes, its id/prompt columns, the tokenizer's files (its chat template
+included), the prompt format and system prompt, and the tokenizers/transformers versions:
+an unchanged dataset is never tokenized twice, a changed one, another tokenizer or another
+prompt format gets a new file (plain ids are never read for a chat run). Files are written
 under a temporary name and renamed, so a reader sees a whole file or none. The store is
 ``prepared_dir`` of the run config, else ``$CARAVELA_DATA_STORE``, else
 ``<output_dir>/prepared``.
@@ -21,17 +23,19 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import DatasetSpec, RunConfig
+from inference_server.tokens import check_prompt_format, format_key
+from orchestrator.config import DatasetSpec, PromptConfig, RunConfig
 from orchestrator.data import Prompt, TokenTable, read_dataset, required_fields
 
 FORMAT = "caravela-prepared-v1"
 """Bump when ``encode_prompts`` changes what ids a text gets."""
 TOKENIZER_FILES = ("config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
-TOKENIZER_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece")
+TOKENIZER_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece", "chat_template")
 
 
 def heldout_spec(cfg: RunConfig) -> DatasetSpec:
@@ -53,11 +57,15 @@ def tokenizer_fingerprint(model: Path) -> str:
     return h.hexdigest()
 
 
-def dataset_key(spec: DatasetSpec, tokenizer: str) -> str:
-    """Name of ``spec``'s prepared file for the tokenizer with fingerprint ``tokenizer``."""
+def dataset_key(spec: DatasetSpec, tokenizer: str, prompt: PromptConfig | None = None) -> str:
+    """Name of ``spec``'s prepared file for the tokenizer with fingerprint ``tokenizer`` and
+    the prompt format ``prompt`` (default: plain, no system text)."""
     if not Path(spec.path).is_file():
         raise FileNotFoundError(f"dataset file {spec.path} not found")
+    fmt = prompt or PromptConfig()
     h = hashlib.sha256(f"{tokenizer}\0{spec.prompt_field}\0{spec.id_field}\0".encode())
+    if key := format_key(fmt.format, fmt.system):  # plain prompts keep their old keys
+        h.update(f"{key}\0".encode())
     with open(spec.path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -65,11 +73,19 @@ def dataset_key(spec: DatasetSpec, tokenizer: str) -> str:
 
 
 class PreparedStore:
-    """Where prepared token ids live, for one tokenizer (the run's model directory); the
-    ``orchestrator.data.TokenStore`` a ``PromptSampler`` reads them through."""
+    """Where prepared token ids live, for one tokenizer (the run's model directory) and
+    prompt format; the ``orchestrator.data.TokenStore`` a ``PromptSampler`` reads them
+    through."""
 
-    def __init__(self, root: Path, model: Path, log: Callable[[str], Any] = print) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model: Path,
+        log: Callable[[str], Any] = print,
+        prompt: PromptConfig | None = None,
+    ) -> None:
         self.root, self.model, self.log = Path(root), Path(model), log
+        self.prompt = prompt or PromptConfig()
         self._fingerprint: str | None = None
 
     @classmethod
@@ -79,12 +95,12 @@ class PreparedStore:
             or os.environ.get("CARAVELA_DATA_STORE")
             or Path(cfg.output_dir) / "prepared"
         )
-        return cls(Path(root), cfg.model, log)
+        return cls(Path(root), cfg.model, log, cfg.prompt)
 
     def path(self, spec: DatasetSpec) -> Path:
         if self._fingerprint is None:
             self._fingerprint = tokenizer_fingerprint(self.model)
-        return self.root / f"{dataset_key(spec, self._fingerprint)}.parquet"
+        return self.root / f"{dataset_key(spec, self._fingerprint, self.prompt)}.parquet"
 
     def load(self, spec: DatasetSpec, prompts: Sequence[Prompt]) -> TokenTable | None:
         """``spec``'s prepared ids when a file for exactly this dataset and tokenizer exists;
@@ -124,10 +140,11 @@ def _init_worker(model: str) -> None:
     _load_tokenizer(model)
 
 
-def _encode(texts: list[str]) -> list[list[int]]:
+def _encode(texts: list[str], prompt: PromptConfig | None = None) -> list[list[int]]:
     from inference_server.tokens import encode_prompts
 
-    return encode_prompts(_TOKENIZER[1], texts)
+    fmt = prompt or PromptConfig()
+    return encode_prompts(_TOKENIZER[1], texts, fmt.format, fmt.system)
 
 
 def _write(path: Path, prompts: Sequence[Prompt], ids: Sequence[Sequence[int]]) -> None:
@@ -165,6 +182,8 @@ def prepare(
         return paths
     required = required_fields(cfg.envs)
     _load_tokenizer(str(cfg.model))  # before forking: the workers inherit it
+    check_prompt_format(_TOKENIZER[1], store.prompt.format, cfg.model)
+    encode = partial(_encode, prompt=store.prompt)
     pool = None
     if workers > 1:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -177,7 +196,7 @@ def prepare(
             texts = [p.text for p in prompts]
             size = max(256, min(8192, -(-len(texts) // (4 * workers))))
             chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-            mapped = pool.imap(_encode, chunks) if pool else map(_encode, chunks)
+            mapped = pool.imap(encode, chunks) if pool else map(encode, chunks)
             ids = [row for chunk in mapped for row in chunk]
             _write(path, prompts, ids)
             log(

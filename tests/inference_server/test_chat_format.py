@@ -1,0 +1,100 @@
+"""Prompt formats (``inference_server.tokens``): plain and the tokenizer's chat template.
+
+The chat template is set on the shipped tiny model's tokenizer here (no hub); its
+vocabulary is a few arithmetic tokens, so the template writes only text it knows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from common.paths import TINY_MODEL
+from inference_server.tokens import (
+    check_prompt_format,
+    encode_conversations,
+    encode_prompts,
+    format_key,
+)
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }} = {% else %}Q: {{ m['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} A: {% endif %}"
+)
+"""System text, then ``Q: <user> A: `` (the tiny model's own prompt shape), after BOS."""
+
+
+def chat_model(dst: Path) -> Path:
+    """A copy of the tiny model whose tokenizer_config.json carries ``TEMPLATE``."""
+    shutil.copytree(TINY_MODEL, dst)
+    cfg_path = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": TEMPLATE}, indent=2))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(chat_model(tmp_path_factory.mktemp("m") / "chat"))
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_format_applies_the_template_with_and_without_system(chat_tok):
+    tok = chat_tok
+    bos = tok.bos_token_id
+    got = encode_prompts(tok, ["50+98-54", "3-5"], "chat")
+    assert got == [[bos, *ids(tok, "Q: 50+98-54 A: ")], [bos, *ids(tok, "Q: 3-5 A: ")]]
+    with_system = encode_prompts(tok, ["50+98-54"], "chat", system="1+1")
+    assert with_system == [[bos, *ids(tok, "1+1 = Q: 50+98-54 A: ")]]
+    # one BOS, from the template: nothing is prepended by hand in chat format
+    assert [x.count(bos) for x in [*got, *with_system]] == [1, 1, 1]
+    # the OpenAI server's chat route encodes a whole conversation the same way
+    conv = [{"role": "system", "content": "1+1"}, {"role": "user", "content": "50+98-54"}]
+    assert encode_conversations(tok, [conv]) == with_system
+
+
+def test_plain_format_is_bos_plus_text_and_system_is_a_prefix(chat_tok, plain_tok):
+    for tok in (plain_tok, chat_tok):  # a template plays no part in plain format
+        bos = tok.bos_token_id
+        assert encode_prompts(tok, ["Q: 50+98-54 A: "]) == [[bos, *ids(tok, "Q: 50+98-54 A: ")]]
+        few_shot = "Q: 1+1 A: 2. "
+        assert encode_prompts(tok, ["Q: 3-5 A: "], "plain", few_shot) == [
+            [bos, *ids(tok, few_shot + "Q: 3-5 A: ")]
+        ]
+
+
+def test_chat_format_without_a_template_says_what_to_do(plain_tok):
+    with pytest.raises(ValueError) as e:
+        encode_prompts(plain_tok, ["Q: 1+2 A: "], "chat")
+    msg = str(e.value)
+    assert "chat template" in msg and "prompt.format = 'plain'" in msg
+    assert "chat_template" in msg and "tokenizer_config.json" in msg
+    with pytest.raises(ValueError, match=f"tokenizer of {TINY_MODEL} has none"):
+        check_prompt_format(plain_tok, "chat", TINY_MODEL)
+    check_prompt_format(plain_tok, "plain", TINY_MODEL)  # plain needs no template
+
+
+def test_format_key_separates_what_changes_the_ids():
+    keys = [
+        format_key("plain", None),
+        format_key("plain", "Q: 1+1 A: 2. "),
+        format_key("chat", None),
+        format_key("chat", ""),
+        format_key("chat", "You are terse."),
+        format_key("chat", "You are brief."),
+    ]
+    assert keys[0] == ""  # plain ids are those of before prompt formats: old keys stay valid
+    assert len(set(keys)) == len(keys)
