@@ -165,7 +165,7 @@ def evaluate_sets(
     """Greedy accuracy, sampled pass@1 and pass@k of the weights the engines serve now, per
     set, scored by the env pools: one ``generate`` call for every set (greedy and sampled
     requests), each group scored as soon as it is back. The driver holds no weights."""
-    sampled = sampling_params(cfg)
+    sampled = sampling_params(cfg).model_copy(update={"seed": cfg.seed})  # repeatable
     prompts: list[Prompt] = []
     requests: list[GenerateRequest] = []
     for h in sets:

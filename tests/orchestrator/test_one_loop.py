@@ -66,7 +66,7 @@ def test_async_tis_run_checkpoints_on_request_and_records_everything(tmp_path, m
     assert max(m["staleness_max"] for m in metrics) == 1  # generated while the step trained
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "report.png").stat().st_size > 0
-    assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
+    assert set(json.loads((out / "eval.json").read_text())) == {"before", "after", "sets"}
 
 
 @pytest.mark.parametrize(
