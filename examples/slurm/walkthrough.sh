@@ -205,7 +205,7 @@ done_() { scontrol show job "$JOB" | grep -qE 'JobState=(COMPLETED|FAILED|CANCEL
 wait_for "the job to end" 120 done_
 scontrol show job "$JOB" | grep -oE '(JobState|Restarts|RunTime)=[^ ]+' | paste -sd' '
 echo "$ grep -E 'caravela:|checkpoint|resum|joined|before|after|env API' $LOG  (paths kept)"
-grep -E 'caravela: (job|USR1|checkpoint|requeued|resuming|no checkpoint|run finished|the run failed|Ray logs)|checkpoint /|resumed from|joined|re-?join|before:|after :|env API on|SLURM is ending' "$LOG"
+grep -E 'caravela: (job|USR1|checkpoint|requeued|resuming|no checkpoint|run finished|the run failed|Ray logs)|checkpoint /|resumed from|joined|re-?join|before \[|after \[|env API on|SLURM is ending' "$LOG"
 echo "$ every 10th step line"
 grep -E ' step +[0-9]*0 ' "$LOG" || true
 python - "$RUN" <<'PY'

@@ -56,7 +56,7 @@ def test_actor_and_ray_noise_stays_in_the_logs(run):
     assert NOISE["bar"] in kept  # where the user was pointed
     # Ray's warning is gone altogether: the local node's address is 127.0.0.1, no probe
     assert NOISE["ray"] not in kept
-    assert "before:" in terminal and "after :" in terminal
+    assert "before [heldout]:" in terminal and "after [heldout]:" in terminal
 
 
 def test_the_driver_draws_no_loading_bar(run):
