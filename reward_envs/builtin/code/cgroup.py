@@ -1,17 +1,22 @@
-"""A memory cgroup per sandbox run, where this process may make one; stdlib only.
+"""Cgroups per sandbox run, memory and CPU, where this process may make them; stdlib only.
 
 ``RLIMIT_AS`` caps each process, so a fork bomb of allocators could still take
 ``processes`` x ``memory_mb``. A memory cgroup caps all the sandbox's processes (and its
 tmpfs pages) together: the kernel's OOM killer then kills inside the sandbox only.
+``RLIMIT_CPU`` caps each process's CPU seconds, but not how many cores a run's processes
+use at once; a CPU cgroup (``cpu.max``, v1 ``cpu.cfs_quota_us``) caps that, at
+``Limits.cpus`` cores.
 
-Available when we are root and either the cgroup v1 memory controller is mounted
-(``/sys/fs/cgroup/memory``, our own cgroup there is writable) or cgroup v2 delegates the
-memory controller to the children of our cgroup (its ``cgroup.subtree_control`` lists
-``memory``). Elsewhere ``layout()`` is None and the per-process limits stand alone.
+Available when we are root and, for each controller, either its cgroup v1 hierarchy is
+mounted (``/sys/fs/cgroup/memory``, ``/sys/fs/cgroup/cpu``; our own cgroup there is
+writable) or cgroup v2 delegates it to the children of our cgroup (its
+``cgroup.subtree_control`` lists it). A controller found nowhere is skipped: ``layout()``
+(memory) or ``cpu_layout()`` is None and the per-process limits stand alone.
 
-Each run gets ``<our cgroup>/caravela-code-<pid>-<n>``, removed when the run's processes
-are gone; directories left by a worker that was killed mid-run are removed by the next
-worker that starts on the same cgroup.
+Each run gets ``<our cgroup>/caravela-code-<pid>-<n>`` in each hierarchy (one directory
+for both controllers under v2), removed when the run's processes are gone; directories
+left by a worker that was killed mid-run are removed by the next worker that starts on
+the same cgroup.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from pathlib import Path
 
 PREFIX = "caravela-code-"
 V1_ROOT = Path("/sys/fs/cgroup/memory")
+V1_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 V2_ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
 _counter = itertools.count()
 
 
@@ -66,8 +73,49 @@ def _find() -> Layout | None:
     return None
 
 
+@dataclass(frozen=True)
+class CpuLayout:
+    """Where this process makes its CPU cgroups: v1 (own hierarchy) or v2 (shared with
+    memory, so the same directory when both are there)."""
+
+    base: Path
+    v2: bool
+
+
+def _find_cpu() -> CpuLayout | None:
+    if os.geteuid() != 0:
+        return None
+    v1 = _own_path("cpu")
+    if v1 is not None and (V1_CPU_ROOT / v1 / "cpu.cfs_quota_us").exists():
+        base = V1_CPU_ROOT / v1
+        return CpuLayout(base, v2=False) if os.access(base, os.W_OK) else None
+    v2 = _own_path("")
+    if v2 is not None and (V2_ROOT / "cgroup.controllers").exists():
+        base = V2_ROOT / v2
+        control = base / "cgroup.subtree_control"
+        if control.exists() and "cpu" in control.read_text().split():
+            return CpuLayout(base, v2=True)
+    return None
+
+
 _layout: Layout | None = None
 _looked = False
+_cpu_layout: CpuLayout | None = None
+_cpu_looked = False
+
+
+def cpu_layout() -> CpuLayout | None:
+    """Where to make the runs' CPU cgroups (cached), or None where we cannot."""
+    global _cpu_layout, _cpu_looked
+    if not _cpu_looked:
+        try:
+            _cpu_layout = _find_cpu()
+        except (OSError, ValueError):
+            _cpu_layout = None
+        _cpu_looked = True
+        if _cpu_layout is not None and not _cpu_layout.v2:
+            _sweep(_cpu_layout.base)
+    return _cpu_layout
 
 
 def layout() -> Layout | None:
@@ -118,12 +166,51 @@ class MemoryCgroup:
             return None
 
     def remove(self) -> None:
-        """rmdir, retried briefly: the last processes may still be exiting."""
-        for _ in range(100):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.01)
+        _rmdir(self.path)
+
+
+def _rmdir(path: Path) -> None:
+    """rmdir, retried briefly: the last processes may still be exiting."""
+    for _ in range(100):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
+class CpuCgroup:
+    """One run's CPU cap: its own v1 cgroup, or ``cpu.max`` in the run's v2 memory cgroup
+    (``shared``) or in a v2 cgroup of its own."""
+
+    def __init__(self, where: CpuLayout, cpus: float, shared: Path | None = None) -> None:
+        quota = max(1000, round(cpus * CPU_PERIOD_US))
+        self.own = shared is None
+        self.path = shared or where.base / f"{PREFIX}{os.getpid()}-{next(_counter)}"
+        if self.own:
+            self.path.mkdir()
+        if where.v2:
+            (self.path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def add(self, pid: int) -> None:
+        if self.own:
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def throttled_s(self) -> float | None:
+        """Seconds the run's processes waited for their CPU quota (if the kernel says)."""
+        try:
+            stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            return None
+        if "throttled_usec" in stat:
+            return int(stat["throttled_usec"]) / 1e6
+        return int(stat["throttled_time"]) / 1e9 if "throttled_time" in stat else None
+
+    def remove(self) -> None:
+        if self.own:
+            _rmdir(self.path)

@@ -11,11 +11,19 @@ Item fields:
   stdout}``. A test passes when the program exits 0 and its stdout equals the expected
   output after stripping trailing whitespace from each line and dropping trailing empty
   lines. Each test is one run.
-* ``asserts``: Python source appended after the solution (one run for all of them). Each
-  top-level ``assert`` statement is one test; other statements (imports, helper
-  assignments) run in order but are not counted. A block without a top-level assert (say
-  ``def check(f): ...`` then ``check(f)``) is one test, passed when all of it runs without
-  an exception. A solution that raises or exits before the asserts fails them all.
+* ``asserts``: Python source run against the solution's names (one run for all of them),
+  as if appended after it. Each top-level ``assert`` statement is one test; other
+  statements (imports, helper assignments) run in order but are not counted. A block
+  without a top-level assert (say ``def check(f): ...`` then ``check(f)``) is one test,
+  passed when all of it runs without an exception. A solution that raises or exits before
+  the asserts fails them all. The solution never sees this code, and its values count
+  only as plain data (None, bool, int, float, str, bytes, list, tuple, dict of those,
+  exact types): how, and what a solution can and cannot do, is in ``docs/envs.md``
+  ("The code env's threat model"). An ``assert`` of a comparison (``assert f(3) == 9``,
+  ``assert 0 < g(x) <= 1``) or of a truth value (``assert h(2)``, ``assert not h(3)``) is
+  split: its operands that are literals (``9``, ``[1, 2]``) stay here; the others are
+  evaluated in the sandbox's judge process and their values compared here. Everything
+  else runs whole in the judge.
 * ``all_or_nothing``: when true the score is 1.0 only if every test passes, else 0.0 (and
   the tests after the first failure are skipped).
 * Limits (optional): ``cpu_limit_s`` (default 2; whole seconds, rounded up),
@@ -39,14 +47,17 @@ from __future__ import annotations
 
 import ast
 import json
+import operator
 import re
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 if __package__:
-    from . import sandbox
+    from . import runner, sandbox
 else:  # loaded by the env worker as the top-level module ``env``
+    import runner  # type: ignore[no-redef]
     import sandbox  # type: ignore[no-redef]
 
 ITEM_BUDGET_S = 20.0
@@ -65,6 +76,19 @@ MAX_FAILURES = 5
 """Failure reasons kept in ``info``."""
 NO_TIME = f"not run: the item's {ITEM_BUDGET_S:g} s budget was spent"
 PYTHON_TAGS = {"python", "py", "python3"}
+COMPARISONS: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
+PLAIN = "None, bool, int, float, str, bytes, list, tuple or dict"
 _FENCE = re.compile(
     r"^[ \t]*```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE
 )
@@ -107,20 +131,72 @@ def parse_tests(tests: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def split_asserts(asserts: Any) -> list[tuple[str, bool]]:
-    """Top-level statements of ``asserts`` as (source, is an assert); ValueError if bad."""
+@dataclass(frozen=True)
+class Statement:
+    """One top-level statement of ``asserts``, and how its verdict is reached.
+
+    ``operands`` (a split assert): per operand, ``(True, literal value)`` kept here or
+    ``(False, job index)`` evaluated in the judge. ``ops``: the comparison's operators;
+    none for a truth-value assert, whose one operand is negated when ``negate``. A
+    statement with no ``operands`` runs whole as job ``job``.
+    """
+
+    source: str
+    is_test: bool
+    operands: tuple[tuple[bool, Any], ...] = ()
+    ops: tuple[type[ast.cmpop], ...] = ()
+    negate: bool = False
+    job: int = -1
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.source.split())[:60]
+
+
+def _literal(node: ast.expr) -> tuple[bool, Any]:
+    try:
+        return True, ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+
+
+def split_asserts(asserts: Any) -> tuple[list[Statement], list[tuple[int, str, str]]]:
+    """The statements of ``asserts``, and the judge's jobs ((index, ``eval`` | ``exec``,
+    source)) they need; ValueError if ``asserts`` is not Python."""
     if asserts is None or asserts == "":
-        return []
+        return [], []
     if not isinstance(asserts, str):
         raise ValueError(f"asserts must be a string of Python, got {type(asserts).__name__}")
     try:
         tree = ast.parse(asserts)
     except SyntaxError as e:
         raise ValueError(f"asserts is not valid Python: {e}") from None
-    return [
-        (ast.get_source_segment(asserts, stmt) or ast.unparse(stmt), isinstance(stmt, ast.Assert))
-        for stmt in tree.body
-    ]
+    statements: list[Statement] = []
+    jobs: list[tuple[int, str, str]] = []
+
+    def job(kind: str, node: ast.AST) -> int:
+        jobs.append((len(jobs), kind, ast.get_source_segment(asserts, node) or ast.unparse(node)))
+        return len(jobs) - 1
+
+    def operand(node: ast.expr) -> tuple[bool, Any]:
+        is_literal, value = _literal(node)
+        return (True, value) if is_literal else (False, job("eval", node))
+
+    for stmt in tree.body:
+        source = ast.get_source_segment(asserts, stmt) or ast.unparse(stmt)
+        if not isinstance(stmt, ast.Assert):
+            statements.append(Statement(source, False, job=job("exec", stmt)))
+            continue
+        test = stmt.test
+        if isinstance(test, ast.Compare) and all(type(op) in COMPARISONS for op in test.ops):
+            operands = tuple(operand(node) for node in (test.left, *test.comparators))
+            ops = tuple(type(op) for op in test.ops)
+            statements.append(Statement(source, True, operands, ops))
+        else:
+            negate = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+            inner = test.operand if isinstance(test, ast.UnaryOp) and negate else test
+            statements.append(Statement(source, True, (operand(inner),), negate=negate))
+    return statements, jobs
 
 
 def limits_from(fields: dict[str, Any]) -> sandbox.Limits:
@@ -159,29 +235,67 @@ def run_test(code: str, stdin: str, expected: str, limits: sandbox.Limits) -> st
     return f"wrong answer: expected {expected.strip()!r:.60}, got {got.strip()!r:.60}"
 
 
-def count_tests(statements: list[tuple[str, bool]]) -> int:
+def count_tests(statements: list[Statement]) -> int:
     """Tests in an asserts block: its assert statements; a block with none is one test."""
-    return sum(is_test for _, is_test in statements) or (1 if statements else 0)
+    return sum(st.is_test for st in statements) or (1 if statements else 0)
+
+
+def verdict(st: Statement, records: dict[int, tuple[Any, ...]], missing: str) -> str | None:
+    """Why ``st`` failed, or None if it passed, from the judge's records."""
+    if not st.operands:
+        record = records.get(st.job)
+        if record is None:
+            return missing
+        return None if record[1] == "ok" else str(record[2])
+    values = []
+    for is_literal, value in st.operands:
+        if is_literal:
+            values.append(value)
+            continue
+        record = records.get(value)
+        if record is None:
+            return missing
+        if record[1] == "fail":
+            return str(record[2])
+        if record[1] != "value":
+            return f"an operand is an object of the solution's own type, not a plain {PLAIN}"
+        try:
+            values.append(runner.decode(record[2]))
+        except ValueError as e:
+            return str(e)
+    try:
+        if st.ops:
+            passed = all(
+                COMPARISONS[op](left, right)
+                for op, left, right in zip(st.ops, values, values[1:], strict=False)
+            )
+        else:
+            passed = bool(values[0]) != st.negate
+        if not passed:
+            return f"AssertionError: got {values[0]!r:.60}"
+    except (TypeError, ValueError, RecursionError, MemoryError) as e:
+        return f"{type(e).__name__}: {e}"[:200]
+    return None
 
 
 def run_asserts(
-    code: str, statements: list[tuple[str, bool]], limits: sandbox.Limits
+    code: str,
+    statements: list[Statement],
+    jobs: list[tuple[int, str, str]],
+    limits: sandbox.Limits,
 ) -> list[tuple[str, str | None]]:
     """(test name, why it failed or None) for each test of the block, in one run."""
-    result = sandbox.run_statements(code, [source for source, _ in statements], limits)
-    setup = result.outcomes.get("setup", "")
-    unreported = (
-        f"the solution raised {setup.removeprefix('fail ')}"
-        if setup
-        else result.problem(limits) or "the solution exited before the asserts ran"
+    result = sandbox.run_judged(code, jobs, limits)
+    records = {r[0]: r for r in result.records if isinstance(r[0], int) and len(r) >= 2}
+    setup = next((str(r[1]) for r in result.records if r[0] == "setup"), None)
+    missing = (
+        f"the solution failed before the asserts ran: {setup}"
+        if setup is not None
+        else result.problem(limits) or "the solution's process died before the asserts ran"
     )
-    verdicts = []
-    for i, (source, _) in enumerate(statements):
-        outcome = result.outcomes.get(str(i))
-        why = None if outcome == "ok" else outcome.removeprefix("fail ") if outcome else unreported
-        verdicts.append((" ".join(source.split())[:60], why))
-    if count_tests(statements) == sum(is_test for _, is_test in statements):
-        return [v for v, (_, is_test) in zip(verdicts, statements, strict=True) if is_test]
+    verdicts = [(st.name, verdict(st, records, missing)) for st in statements]
+    if count_tests(statements) == sum(st.is_test for st in statements):
+        return [v for v, st in zip(verdicts, statements, strict=True) if st.is_test]
     failed = [f"{name}: {why}" for name, why in verdicts if why is not None]  # no asserts
     return [("asserts", failed[0] if failed else None)]
 
@@ -217,7 +331,11 @@ def run_cases(code: str, cases: list[tuple[str, str]], limits: sandbox.Limits, t
 
 
 def run_all_asserts(
-    code: str, statements: list[tuple[str, bool]], limits: sandbox.Limits, t: Tally
+    code: str,
+    statements: list[Statement],
+    jobs: list[tuple[int, str, str]],
+    limits: sandbox.Limits,
+    t: Tally,
 ) -> None:
     if not statements or t.stop():
         return
@@ -225,7 +343,7 @@ def run_all_asserts(
     if run_limits is None:
         t.add("asserts", NO_TIME, count=count_tests(statements))
         return
-    for name, why in run_asserts(code, statements, run_limits):
+    for name, why in run_asserts(code, statements, jobs, run_limits):
         t.add(name, why)
 
 
@@ -243,14 +361,14 @@ def score(
         raise ValueError(f"all_or_nothing must be true or false, got {all_or_nothing!r}")
     limits = limits_from(fields)
     cases = parse_tests(tests)
-    statements = split_asserts(asserts)
+    statements, jobs = split_asserts(asserts)
     total = len(cases) + count_tests(statements)
     if total == 0:
         raise ValueError("the item has no tests: give it `tests` and/or `asserts`")
     code = extract_code(completion)
     tally = Tally(all_or_nothing)
     run_cases(code, cases, limits, tally)
-    run_all_asserts(code, statements, limits, tally)
+    run_all_asserts(code, statements, jobs, limits, tally)
     failures = tally.failures
     skipped = total - tally.passed - tally.failed
     if skipped:

@@ -51,7 +51,6 @@ import ctypes
 import json
 import math
 import os
-import secrets
 import select
 import shutil
 import signal
@@ -62,14 +61,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__:
-    from . import cgroup
+    from . import cgroup, runner, seccomp
 else:  # loaded by the env worker as a top-level module
     import cgroup  # type: ignore[no-redef]
+    import runner  # type: ignore[no-redef]
+    import seccomp  # type: ignore[no-redef]
 
 NOBODY = 65534
 """uid and gid the sandbox runs as when the env runs as root."""
 SOLUTION = "/tmp/solution.py"
-STATEMENTS = "/tmp/statements"
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 """Tried after the env's own interpreter, which the sandbox user may be unable to reach
 (e.g. a pyenv Python under ``/root``, mode 0700)."""
@@ -100,6 +100,8 @@ class Limits:
     file_bytes: int = 16 << 20
     """Largest file, and the size of ``/tmp``."""
     open_files: int = 64
+    cpus: float = 1.0
+    """Cores all the run's processes may use at once, where a CPU cgroup is available."""
 
     @property
     def group_memory_bytes(self) -> int:
@@ -132,8 +134,12 @@ class RunResult:
     seconds: float = 0.0
     memory_peak_bytes: int | None = None
     """Most memory the run held at once, where a memory cgroup measured it."""
-    outcomes: dict[str, str] = field(default_factory=dict)
-    """Asserts mode: statement index (or ``setup``) -> ``ok`` | ``fail <reason>``."""
+    cpu_throttled_s: float | None = None
+    """Seconds the run waited for its CPU cgroup's quota, where there was one."""
+    report: bytes = b""
+    """Judge mode: the judge's messages (``runner.py``), from a pipe only it holds."""
+    records: list[tuple[object, ...]] = field(default_factory=list)
+    """Judge mode: the judge's records, decoded (``run_judged``)."""
 
     def problem(self, limits: Limits) -> str | None:
         """Why the run failed on its own terms (killed, crashed), or None if it exited 0."""
@@ -199,18 +205,20 @@ def sandbox_argv(
     limits: Limits,
     files: dict[str, int],
     info_fd: int,
+    seccomp_fd: int,
     block_fd: int | None = None,
 ) -> list[str]:
     """The bwrap command line, up to the interpreter's flags; ``files`` maps sandbox paths
-    to fds to copy from; bwrap writes the sandbox's init pid to ``info_fd``, and waits for
-    a byte on ``block_fd`` (if given) before it runs the command."""
+    to fds to copy from; bwrap writes the sandbox's init pid to ``info_fd``, loads the
+    seccomp filter from ``seccomp_fd``, and waits for a byte on ``block_fd`` (if given)
+    before it runs the command (as pid 1: ``--as-pid-1``, no bwrap init inside)."""
     args = [
         bwrap(),
         *("--info-fd", str(info_fd)),
         *(("--block-fd", str(block_fd)) if block_fd is not None else ()),
         *("--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc"),
-        *("--unshare-uts", "--unshare-cgroup-try", "--disable-userns"),
-        *("--die-with-parent", "--new-session", "--clearenv"),
+        *("--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--as-pid-1"),
+        *("--die-with-parent", "--new-session", "--clearenv", "--seccomp", str(seccomp_fd)),
     ]
     for key, value in SANDBOX_ENV.items():
         args += ["--setenv", key, value]
@@ -326,24 +334,24 @@ def _subreaper() -> None:
 class _Watch:
     """Reads one running sandbox's output and enforces the wall and output limits."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], ready_fd: int, limits: Limits) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], report_fd: int, limits: Limits) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         self.proc = proc
-        self.ready_fd = ready_fd
+        self.report_fd = report_fd
         self.limits = limits
         self.out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-        self.ready = b""
+        self.report = bytearray()
         self.timed_out = self.exceeded = False
 
     @property
     def started(self) -> bool:
         """The runner reported in: the sandbox is up, the solution's wall time runs."""
-        return self.ready.startswith(b"ready")
+        return self.report.startswith(b"ready")
 
     def run(self, start: float) -> None:
         """Read until bwrap exits, or a limit is hit (then the caller kills it)."""
         deadline = start + SETUP_TIMEOUT_S
-        open_fds = {*self.out, self.ready_fd}
+        open_fds = {*self.out, self.report_fd}
         while open_fds & set(self.out) and not self.exceeded:
             left = deadline - time.monotonic()
             readable, _, _ = select.select(list(open_fds), [], [], max(0.0, left))
@@ -354,14 +362,13 @@ class _Watch:
                 chunk = os.read(fd, READ_CHUNK)
                 if not chunk:
                     open_fds.discard(fd)
-                elif fd == self.ready_fd:
-                    self.ready += chunk
-                    if self.started:  # from now on the solution's wall limit applies
-                        open_fds.discard(fd)
-                        deadline = time.monotonic() + self.limits.wall_s
-                else:
-                    self.out[fd] += chunk
-                    self.exceeded = self.exceeded or len(self.out[fd]) > self.limits.output_bytes
+                    continue
+                was_started = self.started
+                buffer = self.report if fd == self.report_fd else self.out[fd]
+                buffer += chunk
+                self.exceeded = self.exceeded or len(buffer) > self.limits.output_bytes
+                if self.started and not was_started:  # now the solution's wall time runs
+                    deadline = time.monotonic() + self.limits.wall_s
         if not self.exceeded:
             self._wait(deadline)
 
@@ -370,12 +377,15 @@ class _Watch:
             self.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.timed_out = True
-        if not self.started:  # bwrap exited before we read the runner's word
-            os.set_blocking(self.ready_fd, False)
-            try:
-                self.ready += os.read(self.ready_fd, 16)
-            except BlockingIOError:
-                pass
+        os.set_blocking(self.report_fd, False)  # what the judge wrote after the last read
+        try:
+            while chunk := os.read(self.report_fd, READ_CHUNK):
+                self.report += chunk
+                if len(self.report) > self.limits.output_bytes:
+                    self.exceeded = True
+                    break
+        except BlockingIOError:
+            pass
 
 
 def _start(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
@@ -399,35 +409,48 @@ def _start(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...]) -> subproc
         raise SandboxError(f"cannot start bwrap: {e}") from e
 
 
-def _stdin_fd(stdin: bytes, secret: bool) -> int:
-    if not secret:
-        return _memfd("stdin", stdin)
-    read_fd, write_fd = os.pipe()
-    os.write(write_fd, stdin)  # small (a nonce): fits the pipe's buffer
-    os.close(write_fd)
-    return read_fd
-
-
-def _confine(init: int | None, limits: Limits, block_fd: int) -> cgroup.MemoryCgroup | None:
-    """Put the sandbox's init (still blocked, before the command) in a memory cgroup of
-    its own where we can make one, then let it go on; None where there is none. Without
-    an init (bwrap failed or is stuck) it stays blocked: the caller finds out why."""
+def _confine(
+    init: int | None, limits: Limits, block_fd: int
+) -> tuple[cgroup.MemoryCgroup | None, cgroup.CpuCgroup | None]:
+    """Put the sandbox's init (still blocked, before the command) in a memory and a CPU
+    cgroup of its own where we can make them, then let it go on. Without an init (bwrap
+    failed or is stuck) it stays blocked: the caller finds out why."""
     if init is None:
-        return None
-    where = cgroup.layout()
-    group = None
+        return None, None
+    where, cpu_where = cgroup.layout(), cgroup.cpu_layout()
+    memory = cpu = None
     try:
         if where is not None:
-            group = cgroup.MemoryCgroup(where, limits.group_memory_bytes)
-            group.add(init)
+            memory = cgroup.MemoryCgroup(where, limits.group_memory_bytes)
+            memory.add(init)
+        if cpu_where is not None:
+            same = memory is not None and cpu_where.v2 and where is not None
+            shared = memory.path if same and memory is not None else None
+            cpu = cgroup.CpuCgroup(cpu_where, limits.cpus, shared)
+            cpu.add(init)
         os.write(block_fd, b"x")
     except (ProcessLookupError, BrokenPipeError):  # bwrap's setup failed: the caller says why
         pass
     except OSError as e:
-        if group is not None:
-            group.remove()
-        raise SandboxError(f"cannot confine the sandbox in a memory cgroup: {e}") from e
-    return group
+        for group in (cpu, memory):
+            if group is not None:
+                group.remove()
+        raise SandboxError(f"cannot confine the sandbox in its cgroups: {e}") from e
+    return memory, cpu
+
+
+_seccomp_program: bytes | None = None
+
+
+def seccomp_program() -> bytes:
+    """The seccomp filter (built once); SandboxError on an architecture it does not know."""
+    global _seccomp_program
+    if _seccomp_program is None:
+        try:
+            _seccomp_program = seccomp.program()
+        except ValueError as e:
+            raise SandboxError(str(e)) from None
+    return _seccomp_program
 
 
 def execute(
@@ -437,50 +460,56 @@ def execute(
     mode: str,
     files: dict[str, bytes],
     stdin: bytes,
-    secret_stdin: bool = False,
+    jobs: bytes | None = None,
 ) -> RunResult:
-    """One sandbox: ``runner.py`` in ``mode`` (stdio | asserts); SandboxError if it never
+    """One sandbox: ``runner.py`` in ``mode`` (stdio | judge); SandboxError if it never
     came up.
 
-    ``stdin`` is a memory file (any size), or with ``secret_stdin`` a pipe (small: a
-    secret the runner reads before the solution runs, which the solution cannot re-read).
-    The wall limit counts from the runner's report, so a slow sandbox start (a loaded
-    machine) does not eat the solution's time; the start itself may take
-    ``SETUP_TIMEOUT_S``.
+    ``stdin`` and ``jobs`` (judge mode: the judge's jobs, read from an fd that the runner
+    closes in the solution's process before it runs) are memory files. The wall limit
+    counts from the runner's report, so a slow sandbox start (a loaded machine) does not
+    eat the solution's time; the start itself may take ``SETUP_TIMEOUT_S``.
     """
     _subreaper()
     fds = {dest: _memfd(Path(dest).name, data) for dest, data in files.items()}
-    ready_r, ready_w = os.pipe()
+    report_r, report_w = os.pipe()
     info_r, info_w = os.pipe()
     block_r, block_w = os.pipe()
-    stdin_fd = _stdin_fd(stdin, secret_stdin)
-    argv = sandbox_argv(python, prefix, limits, fds, info_w, block_r)
-    argv += ["-c", RUNNER_SOURCE, mode, SOLUTION, STATEMENTS, str(ready_w)]
+    stdin_fd = _memfd("stdin", stdin)
+    filter_fd = _memfd("seccomp", seccomp_program())
+    jobs_fd = _memfd("jobs", jobs) if jobs is not None else None
+    argv = sandbox_argv(python, prefix, limits, fds, info_w, filter_fd, block_r)
+    argv += ["-c", RUNNER_SOURCE, mode, SOLUTION, str(jobs_fd or "-"), str(report_w)]
     argv += limits.runner_args()
+    passed = (*fds.values(), report_w, info_w, block_r, filter_fd)
+    passed += (jobs_fd,) if jobs_fd is not None else ()
     start = time.monotonic()
     try:
-        proc = _start(argv, stdin_fd, (*fds.values(), ready_w, info_w, block_r))
+        proc = _start(argv, stdin_fd, passed)
     except BaseException:
-        for fd in (ready_r, info_r, block_w):
+        for fd in (report_r, info_r, block_w):
             os.close(fd)
         raise
     finally:
-        for fd in (*fds.values(), ready_w, info_w, block_r, stdin_fd):
+        for fd in (*passed, stdin_fd):
             os.close(fd)
-    watch = _Watch(proc, ready_r, limits)
-    init = group = None
+    watch = _Watch(proc, report_r, limits)
+    init = None
+    memory = cpu = None
     try:
         init = _read_info(info_r, start + SETUP_TIMEOUT_S)
-        group = _confine(init, limits, block_w)
+        memory, cpu = _confine(init, limits, block_w)
         watch.run(start)
     finally:
         if proc.poll() is None:  # a limit, or interrupted: leave nothing running
             _kill(proc, init)
         _reap(init)
-        peak = group.peak() if group is not None else None
-        if group is not None:
-            group.remove()
-        for fd in (ready_r, info_r, block_w):
+        peak = memory.peak() if memory is not None else None
+        throttled = cpu.throttled_s() if cpu is not None else None
+        for group in (cpu, memory):
+            if group is not None:
+                group.remove()
+        for fd in (report_r, info_r, block_w):
             os.close(fd)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
@@ -498,6 +527,8 @@ def execute(
         output_exceeded=watch.exceeded,
         seconds=time.monotonic() - start,
         memory_peak_bytes=peak,
+        cpu_throttled_s=throttled,
+        report=bytes(watch.report[len(b"ready") :]),
     )
 
 
@@ -546,16 +577,25 @@ def run(solution: str, limits: Limits, stdin: str = "") -> RunResult:
     return execute(python, prefix, limits, "stdio", {SOLUTION: solution.encode()}, stdin.encode())
 
 
-def run_statements(solution: str, statements: list[str], limits: Limits) -> RunResult:
-    """Run ``solution``, then each statement in its namespace; ``outcomes`` says how each
-    went (a statement missing from it never finished: the run died or exited first)."""
+def run_judged(solution: str, jobs: list[tuple[int, str, str]], limits: Limits) -> RunResult:
+    """Run ``solution`` in the solver and ``jobs`` ((index, ``eval`` | ``exec``, source))
+    in the judge (``runner.py``); ``records`` holds the judge's decoded records, in order:
+    ``(index, "value", encoded)``, ``(index, "opaque", type)``, ``(index, "ok")``,
+    ``(index, "fail", reason)`` or ``("setup", reason)``. A job missing from them never
+    finished: the run died first."""
     python, prefix = interpreter()
-    nonce = secrets.token_hex(16)
-    files = {SOLUTION: solution.encode(), STATEMENTS: "\0".join(statements).encode()}
-    result = execute(python, prefix, limits, "asserts", files, nonce.encode(), secret_stdin=True)
-    for line in result.stdout.decode("utf-8", "replace").splitlines():
-        tag, _, rest = line.partition(" ")
-        if tag == nonce:
-            index, _, outcome = rest.partition(" ")
-            result.outcomes.setdefault(index, outcome)
+    files = {SOLUTION: solution.encode()}
+    result = execute(python, prefix, limits, "judge", files, b"", runner.encode(jobs))
+    reader = runner.Reader(-1)
+    reader.buf = result.report
+    while True:
+        try:
+            message = reader.receive()
+        except (ValueError, OSError):  # cut off by the output limit or a kill
+            break
+        if message is None:
+            break
+        record = runner.decode(message)
+        if isinstance(record, tuple):
+            result.records.append(record)
     return result
