@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="pre-tokenize a run's datasets (on the login node)")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     prepare = data_sub.add_parser(
-        "prepare", help="tokenize every dataset (and eval.heldout) into the prepared store"
+        "prepare", help="tokenize every dataset (and the held-out sets) into the prepared store"
     )
     _add_config_args(prepare)
     from orchestrator.prepare import add_arguments as prepare_arguments

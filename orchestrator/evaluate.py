@@ -160,11 +160,12 @@ def evaluate_sets(
     engines: Generator,
     scorer: Scorer,
     tok: Any,
-    cache: dict[str, list[int]],
+    cache: dict[str, dict[str, list[int]]],
 ) -> dict[str, EvalResult]:
     """Greedy accuracy, sampled pass@1 and pass@k of the weights the engines serve now, per
     set, scored by the env pools: one ``generate`` call for every set (greedy and sampled
-    requests), each group scored as soon as it is back. The driver holds no weights."""
+    requests), each group scored as soon as it is back. The driver holds no weights.
+    ``cache``: set name -> prompt id -> token ids (sets may share ids), filled as it goes."""
     sampled = sampling_params(cfg).model_copy(update={"seed": cfg.seed})  # repeatable
     prompts: list[Prompt] = []
     requests: list[GenerateRequest] = []
@@ -174,7 +175,7 @@ def evaluate_sets(
         if h.spec.greedy:
             kinds.append(("greedy", sampled.model_copy(update={"n": 1, "temperature": 0.0})))
         for i, p in enumerate(h.prompts):
-            ids = tokenize(tok, p, cache, cfg.prompt)
+            ids = tokenize(tok, p, cache.setdefault(h.spec.name, {}), cfg.prompt)
             for kind, params in kinds:
                 rid = f"eval/{h.spec.name}/{i}/{kind}"
                 requests.append(GenerateRequest(request_id=rid, sampling=params, prompt_ids=ids))

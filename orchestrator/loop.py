@@ -76,7 +76,7 @@ class Evaluator:
         self, cfg: RunConfig, sets: list[HeldOut], parts: Parts, tok: Any, log: Log
     ) -> None:
         self.cfg, self.sets, self.parts, self.tok, self.log = cfg, sets, parts, tok, log
-        self.cache: dict[str, list[int]] = {}
+        self.cache: dict[str, dict[str, list[int]]] = {}
 
     def __call__(self, when: str) -> dict[str, EvalResult]:
         results = evaluate_sets(

@@ -2,7 +2,7 @@
 
     caravela data prepare [CONFIG] [--set KEY=VALUE ...] [--workers N]
 
-tokenizes every dataset of the config (``datasets`` and ``eval.heldout``) with the run's
+tokenizes every dataset of the config (``datasets`` and the held-out sets' files) with the run's
 tokenizer and prompt format (``[prompt]``), exactly as the loop would
 (``inference_server.tokens.encode_prompts``), in ``N`` worker processes, into
 ``<store>/<key>.parquet`` (columns ``id`` and ``prompt_ids``, in file order). The key hashes
@@ -38,9 +38,10 @@ TOKENIZER_FILES = ("config.json", "special_tokens_map.json", "added_tokens.json"
 TOKENIZER_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece", "chat_template")
 
 
-def heldout_spec(cfg: RunConfig) -> DatasetSpec:
-    """The held-out file as a dataset (its env plays no part in the tokens)."""
-    return DatasetSpec(path=cfg.eval.heldout, env="")
+def heldout_specs(cfg: RunConfig) -> list[DatasetSpec]:
+    """The held-out sets' files as datasets (their envs play no part in the tokens)."""
+    files = dict.fromkeys(s.file for s in cfg.eval.resolved())
+    return [DatasetSpec(path=f, env="") for f in files]
 
 
 def tokenizer_fingerprint(model: Path) -> str:
@@ -170,9 +171,9 @@ def prepare(
     log: Callable[[str], Any] = print,
 ) -> list[Path]:
     """Tokenize every dataset of ``cfg`` the store lacks; the prepared files, one per dataset
-    (``datasets`` then ``eval.heldout``)."""
+    (``datasets`` then the held-out sets' files)."""
     store = store or PreparedStore.for_run(cfg, log)
-    specs = [*cfg.datasets, heldout_spec(cfg)]
+    specs = [*cfg.datasets, *heldout_specs(cfg)]
     paths = [store.path(spec) for spec in specs]
     todo = {p: s for s, p in zip(specs, paths, strict=True) if not p.exists()}  # one per file
     for spec, path in zip(specs, paths, strict=True):
@@ -211,11 +212,11 @@ def prepare(
 
 
 def prepared_ids(cfg: RunConfig, store: PreparedStore | None = None) -> dict[str, list[int]]:
-    """Prompt id -> token ids, for every dataset of ``cfg`` (and the held-out file) whose
+    """Prompt id -> token ids, for every dataset of ``cfg`` (and the held-out sets' files) whose
     prepared file exists: the shape of ``orchestrator.rollout.tokenize``'s cache."""
     store = store or PreparedStore.for_run(cfg)
     out: dict[str, list[int]] = {}
-    for spec in [*cfg.datasets, heldout_spec(cfg)]:
+    for spec in [*cfg.datasets, *heldout_specs(cfg)]:
         prompts = read_dataset(spec)
         table = store.load(spec, prompts)
         if table is not None:
