@@ -169,3 +169,46 @@ def test_truncated_counts_completions_cut_by_max_new_tokens():
     _, stats = build_batch(0, r, cfg)
     assert stats["truncated"] == 3.0
     assert stats["truncation_rate"] == 3 / 8
+
+
+def test_gsm8k_cot_example_fits_the_tiny_model_and_its_sample_is_the_scripts_output(tmp_path):
+    """The shipped chain-of-thought config: its sample is what the documented
+    ``prep_gsm8k.py`` command writes, every prompt (few-shot system text included) leaves
+    room for ``max_new_tokens`` in the tiny model's context, and the gsm8k env scores a
+    completion in the format, cut by the stop string, by its "The answer is"."""
+    import subprocess
+    import sys
+
+    from orchestrator.data import context_limit, read_dataset
+    from reward_envs.builtin.gsm8k.env import score
+
+    repo = paths.REPO_ROOT
+    cfg = load_config(repo / "examples" / "configs" / "gsm8k_cot.toml")
+    samples = repo / "examples" / "data_prep" / "samples"
+    out = tmp_path / "cot.jsonl"
+    args = [samples / "gsm8k_short.jsonl", out, "--env", "gsm8k", "--id-prefix", "gsm8k-cot"]
+    script = repo / "examples" / "data_prep" / "prep_gsm8k.py"
+    done = subprocess.run(
+        [sys.executable, str(script), *map(str, args), "--template", "Q: {prompt}\nA:"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == cfg.datasets[0].path.read_text()
+
+    prompts = read_dataset(cfg.datasets[0], ("answer",))
+    assert all(p.text.startswith("Q: ") and p.text.endswith("\nA:") for p in prompts)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    ids = encode_prompts(tok, [p.text for p in prompts], cfg.prompt.format, cfg.prompt.system)
+    room = context_limit(cfg.model) - cfg.rollout.max_new_tokens
+    assert max(map(len, ids)) <= room, (max(map(len, ids)), room)
+    assert cfg.rollout.stop == ["\nQ:"] and "The answer is" in (cfg.prompt.system or "")
+
+    from inference_server.transformers_backend import cut_at_stop
+
+    raw = " 5 + 7 = 12. The answer is 12.\nQ: Ann has 2 cats. How many?\nA: The answer is 2."
+    text = cut_at_stop(raw, cfg.rollout.stop)
+    assert text == " 5 + 7 = 12. The answer is 12."
+    assert score(prompts[0].text, text, prompts[0].fields["answer"]) == 1.0
+    assert score(prompts[0].text, raw, prompts[0].fields["answer"]) == 0.0  # uncut: reads 2
