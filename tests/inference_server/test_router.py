@@ -33,6 +33,30 @@ def engines(ray_token, tmp_path_factory):
     ray.shutdown()
 
 
+def test_results_are_handed_over_call_by_call_each_once(engines):
+    """Each engine's share goes out in ``calls_per_engine`` calls; each call's results reach
+    ``on_result`` when it returns, before ``generate`` does, each request exactly once."""
+    from inference_server.config import InferenceConfig
+
+    router = EngineRouter(engines, config=InferenceConfig(calls_per_engine=4))
+    sp = SamplingParams(n=2, max_tokens=24, seed=0)
+    reqs = [
+        GenerateRequest(request_id=f"s{i}", prompt_ids=[1, 4, 5, 10, 6, 11, 9, 7], sampling=sp)
+        for i in range(32)
+    ]
+    handed: list[tuple[str, float]] = []
+    results = router.generate(
+        reqs, on_result=lambda r: handed.append((r.request_id, time.monotonic()))
+    )
+    returned = time.monotonic()
+    assert sorted(rid for rid, _ in handed) == sorted(r.request_id for r in reqs)
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    # 2 engines x 4 calls: the first call's results came back well before the last
+    times = sorted({t for _, t in handed})
+    assert len(times) >= 4, times
+    assert times[0] < returned and times[0] < times[-1]
+
+
 def test_killing_an_engine_mid_request_loses_nothing(engines):
     import ray
 
