@@ -56,15 +56,25 @@ def encode_conversations(
 ) -> list[list[int]]:
     """Token ids of each conversation under the tokenizer's chat template, ending with the
     generation prompt (the assistant's turn starts next)."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     check_prompt_format(tokenizer, "chat")
     if not conversations:
         return []
-    ids = tokenizer.apply_chat_template(
-        [list(c) for c in conversations],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=False,
-    )
+    try:
+        ids = tokenizer.apply_chat_template(
+            [list(c) for c in conversations],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+    except TemplateError as e:  # e.g. a template that takes no system message
+        roles = sorted({m["role"] for c in conversations for m in c})
+        raise ValueError(
+            f"the tokenizer's chat template refused a conversation with roles {roles}: {e}; "
+            "if it takes no system message, unset prompt.system (or put the instruction in "
+            "the prompts)"
+        ) from e
     if isinstance(ids, Mapping):  # a BatchEncoding, where return_dict is not honoured
         ids = ids["input_ids"]
     return [list(x) for x in ids]

@@ -6,6 +6,7 @@ vocabulary is a few arithmetic tokens, so the template writes only text it knows
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -98,3 +99,15 @@ def test_format_key_separates_what_changes_the_ids():
     ]
     assert keys[0] == ""  # plain ids are those of before prompt formats: old keys stay valid
     assert len(set(keys)) == len(keys)
+
+
+def test_a_template_that_refuses_a_system_message_says_what_to_change(plain_tok):
+    tok = copy.deepcopy(plain_tok)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ bos_token }}{{ messages[0]['content'] }}"
+    )
+    assert encode_prompts(tok, ["1+1"], "chat") == [[tok.bos_token_id, *ids(tok, "1+1")]]
+    with pytest.raises(ValueError, match="System role not supported.*unset prompt.system"):
+        encode_prompts(tok, ["1+1"], "chat", system="be brief")
