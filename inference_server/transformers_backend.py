@@ -43,21 +43,39 @@ class StopStrings:
     The same rule vLLM applies (its default ``include_stop_str_in_output=False``): the
     completion's token ids and logprobs run to, and include, the token that completed the
     stop string (the model sampled it, the trainer trains on it, as on EOS); the text ends
-    before the stop string (``cut_at_stop``). Rows already ended by EOS are left to HF."""
+    before the stop string (``cut_at_stop``). Rows already ended by EOS are left to HF.
+
+    After each token only the last ``window`` tokens of each open row are decoded (at least
+    4 tokens per character of the longest stop string, for byte-level pieces, plus 16); a
+    row whose window holds a stop string is confirmed on its whole decoded completion."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str], width: int, eos_id: int | None):
         self.tokenizer, self.stop, self.width, self.eos_id = tokenizer, list(stop), width, eos_id
+        self.window = 4 * max(len(s) for s in self.stop) + 16
         self.ends: dict[int, int] = {}
+        self.eos_rows: set[int] = set()
+
+    def _holds_stop(self, rows: list[list[int]]) -> list[bool]:
+        if not rows:  # batch_decode([]) would decode one empty row
+            return []
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return [any(s in t for s in self.stop) for t in texts]
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        rows = input_ids[:, self.width :].tolist()
-        todo = [i for i, r in enumerate(rows) if i not in self.ends and self.eos_id not in r]
-        # (batch_decode([]) would decode one empty row)
-        texts = self.tokenizer.batch_decode([rows[i] for i in todo], skip_special_tokens=True)
-        for i, text in zip(todo, texts if todo else [], strict=True):
-            if any(s in text for s in self.stop):
-                self.ends[i] = len(rows[i])
-        done = torch.zeros(len(rows), dtype=torch.bool, device=input_ids.device)
+        length = input_ids.shape[1] - self.width  # tokens generated so far
+        for i, t in enumerate(input_ids[:, -1].tolist()):
+            if t == self.eos_id and i not in self.ends:
+                self.eos_rows.add(i)  # ended by EOS now (HF pads it from here on)
+        closed = self.ends.keys() | self.eos_rows
+        todo = [i for i in range(len(input_ids)) if i not in closed]
+        tails = input_ids[:, -min(length, self.window) :].tolist()
+        holds = self._holds_stop([tails[i] for i in todo])
+        hits = [i for i, hit in zip(todo, holds, strict=True) if hit]
+        whole = [input_ids[i, self.width :].tolist() for i in hits]
+        for i, hit in zip(hits, self._holds_stop(whole), strict=True):
+            if hit:
+                self.ends[i] = length
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         done[list(self.ends)] = True
         return done
 
