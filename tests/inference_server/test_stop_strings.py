@@ -138,3 +138,32 @@ def test_vllm_cuts_like_the_transformers_backend(hf):
                     check_stopped(tok, x, stop)
     finally:
         vllm.shutdown()
+
+
+def test_the_criterion_ends_each_row_at_the_first_token_completing_a_stop(hf):
+    """``StopStrings`` on long random rows (150 tokens, past its decode window), called after
+    every token as ``generate`` does: each row ends exactly where its decoded prefix first
+    holds a stop string, rows with EOS before that are left alone."""
+    from inference_server.transformers_backend import StopStrings
+
+    _, tok = hf
+    gen = torch.Generator().manual_seed(0)
+    width, length, stop = 3, 150, ["9-9", "+0+"]  # each rare: most rows meet one late or never
+    ids = torch.randint(4, 21, (64, width + length), generator=gen)
+    ids[:4, width + 10] = tok.eos_token_id  # four rows end on EOS first
+    crit = StopStrings(tok, stop, width, tok.eos_token_id)
+    for n in range(1, length + 1):
+        crit(ids[:, : width + n], None)
+
+    def first_stop(row: list[int]) -> int | None:
+        for k in range(1, len(row) + 1):
+            if tok.eos_token_id in row[:k]:
+                return None
+            if any(s in tok.decode(row[:k], skip_special_tokens=True) for s in stop):
+                return k
+        return None
+
+    expected = {i: k for i in range(64) if (k := first_stop(ids[i, width:].tolist())) is not None}
+    assert crit.ends == expected
+    assert sum(k > crit.window for k in expected.values()) >= 5  # found past the window
+    assert not any(i in crit.ends for i in range(4))
