@@ -6,9 +6,9 @@ carries its provenance: the policy version that produced it and the engine id.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class SamplingParams(BaseModel):
@@ -26,8 +26,9 @@ class SamplingParams(BaseModel):
     """Keep the k most likely tokens; 0 turns it off."""
     max_tokens: int = Field(64, ge=1)
     """Generation cap in tokens."""
-    stop: list[str] = Field(default_factory=list)
-    """Strings that end a completion (besides EOS)."""
+    stop: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list)
+    """Strings that end a completion (besides EOS): its text ends before the string, its
+    token ids and logprobs run to the token that completed it (vLLM's rule, both backends)."""
     seed: int | None = None
     """Seed for this request's sampling; None draws from the engine's RNG."""
 
@@ -51,9 +52,10 @@ class Completion(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     token_ids: list[int]
-    """Sampled token ids (EOS included when generation stopped on it)."""
+    """Sampled token ids (EOS included when generation stopped on it; the token that
+    completed a stop string too)."""
     text: str
-    """Decoded text, special tokens stripped."""
+    """Decoded text, special tokens stripped, cut before the stop string that ended it."""
     logprobs: list[float]
     """Logprob of each sampled token under the sampling distribution (after temperature)."""
     finish_reason: Literal["stop", "length", "abort"]

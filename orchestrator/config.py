@@ -12,7 +12,7 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -110,7 +110,7 @@ class RolloutConfig(StrictModel):
     """Nucleus sampling mass."""
     max_new_tokens: int = Field(40, ge=1)
     """Generation cap per completion, in tokens."""
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     """Strings that end a completion (besides EOS), e.g. ``["\\nQ:"]`` for a few-shot format.
     The completion's text stops before the string; its token ids (trained on) and logprobs
     run to the token that completed it, as EOS is kept in the ids and dropped from the text.

@@ -212,3 +212,17 @@ def test_gsm8k_cot_example_fits_the_tiny_model_and_its_sample_is_the_scripts_out
     assert text == " 5 + 7 = 12. The answer is 12."
     assert score(prompts[0].text, text, prompts[0].fields["answer"]) == 1.0
     assert score(prompts[0].text, raw, prompts[0].fields["answer"]) == 0.0  # uncut: reads 2
+
+
+def test_prompt_and_stop_settings_are_validated_with_the_key_in_the_message():
+    from orchestrator.config import ConfigError
+
+    for override, key in (
+        ("prompt.format='xml'", "prompt.format"),
+        ("prompt.system=''", "prompt.system"),
+        ('rollout.stop=["\\nQ:", ""]', "rollout.stop.1"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(overrides=[override])
+    cfg = load_config(overrides=["prompt.format='chat'", 'rollout.stop=["\\nQ:"]'])
+    assert cfg.prompt.format == "chat" and cfg.rollout.stop == ["\nQ:"]
