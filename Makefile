@@ -31,6 +31,8 @@ run: $(STAMP)
 
 envs: $(STAMP)
 	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(BIN)/caravela env build
+	# the 30 envs of examples/configs/many_envs.toml (tests/orchestrator/test_many_envs.py)
+	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(BIN)/caravela env build examples/many_envs/envs/*
 
 test: $(STAMP) envs
 	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)

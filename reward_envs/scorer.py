@@ -199,8 +199,7 @@ class RayScorer(_Health):
         """env -> replica handle -> its pool's counters as of its last answer (kept after
         it dies, so totals never go down)."""
         try:
-            for spec in specs:
-                self.add(spec)
+            self._add_all(specs)
         except BaseException:
             self.close()
             raise
@@ -208,27 +207,37 @@ class RayScorer(_Health):
     def add(self, spec: EnvSpec) -> None:
         """Start ``spec.replicas`` pool actors for a new env and wait until they run (an env
         registered during a run joins this way)."""
+        self._add_all([spec])
+
+    def _add_all(self, specs: Sequence[EnvSpec]) -> None:
+        """Start the pool actors of every env in ``specs`` at once, then wait until they all
+        run: actor processes and env workers start concurrently, not env after env."""
         import ray
 
-        if spec.name in self.replicas:
-            raise ValueError(f"env {spec.name!r} is already scored by this run")
-        manifest, built = prepare_spec(spec)  # built on the driver, into the shared store
-        actor = ray.remote(
-            num_cpus=min(spec.workers, manifest.concurrency),
-            resources={TRAINER_RESOURCE: 1e-3},
-        )(EnvPool)
-        env = _Replicas(spec, manifest, built, actor)
-        handles = [self._start(env) for _ in range(spec.replicas)]
+        starting: list[tuple[_Replicas, list[Any]]] = []
         try:
-            ray.get([h.pids.remote() for h in handles])
+            for spec in specs:
+                if spec.name in self.replicas or any(e.spec.name == spec.name for e, _ in starting):
+                    raise ValueError(f"env {spec.name!r} is already scored by this run")
+                manifest, built = prepare_spec(spec)  # built on the driver, into the shared store
+                actor = ray.remote(
+                    num_cpus=min(spec.workers, manifest.concurrency),
+                    resources={TRAINER_RESOURCE: 1e-3},
+                )(EnvPool)
+                env = _Replicas(spec, manifest, built, actor)
+                starting.append((env, [self._start(env) for _ in range(spec.replicas)]))
+            ray.get([h.pids.remote() for _, handles in starting for h in handles])
         except BaseException:
-            for h in handles:
-                ray.kill(h)
+            for _, handles in starting:
+                for h in handles:
+                    ray.kill(h)
             raise
-        self._envs[spec.name] = env
-        self.replicas[spec.name] = handles
-        self._counters[spec.name] = {}
-        self.breakers[spec.name] = Breaker(spec)
+        for env, handles in starting:
+            name = env.spec.name
+            self._envs[name] = env
+            self.replicas[name] = handles
+            self._counters[name] = {}
+            self.breakers[name] = Breaker(env.spec)
 
     def _start(self, env: _Replicas) -> Any:
         spec = env.spec
