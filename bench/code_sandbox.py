@@ -6,8 +6,9 @@ no network; ~1 min on the 2-core box). Writes ``bench/results/code_sandbox.json`
 measurement).
 
 1. Per-run overhead: the same solution file and stdin, run (a) in the sandbox
-   (``sandbox.run``: bwrap, namespaces, the in-sandbox runner setting limits, the memory
-   cgroup where there is one), (a') the same without the memory cgroup, and (b)
+   (``sandbox.run``: bwrap, namespaces, seccomp, the in-sandbox runner setting limits and
+   forking the solution, the memory and CPU cgroups where there are), (a') the same
+   without the cgroups, and (b)
    unsandboxed with plain ``subprocess.run([python, "-I", "-S", file])``, the same
    interpreter. Two solutions: trivial (sum two numbers from stdin) and small CPU-bound
    (a sum over 300k squares, ~50 ms). Runs alternate a / a' / b; medians of
@@ -75,10 +76,11 @@ def overhead(repeats: int) -> dict[str, dict[str, float | None]]:
 
             def no_cgroup() -> None:
                 where, cgroup._layout = cgroup._layout, None
+                cpu, cgroup._cpu_layout = cgroup._cpu_layout, None
                 try:
                     boxed()
                 finally:
-                    cgroup._layout = where
+                    cgroup._layout, cgroup._cpu_layout = where, cpu
 
             def plain(path: Path = path, stdin: str = stdin, expected: bytes = expected) -> None:
                 cmd = [python, "-I", "-S", str(path)]
@@ -92,7 +94,7 @@ def overhead(repeats: int) -> dict[str, dict[str, float | None]]:
             b, n, p = (statistics.median(r[i] for r in runs) * 1e3 for i in range(3))
             out[name] = {
                 "sandboxed_ms": b,
-                "sandboxed_no_cgroup_ms": n if cgroup.layout() else None,
+                "sandboxed_no_cgroup_ms": n if cgroup.layout() or cgroup.cpu_layout() else None,
                 "plain_ms": p,
                 "overhead_ms": b - p,
             }
@@ -145,7 +147,7 @@ def throughput(n: int, calls: int) -> dict[str, Any]:
 def environment() -> dict[str, Any]:
     bwrap = subprocess.run([sandbox.bwrap(), "--version"], capture_output=True, text=True)
     python, _ = sandbox.interpreter()
-    where = cgroup.layout()
+    where, cpu = cgroup.layout(), cgroup.cpu_layout()
     return {
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
@@ -153,6 +155,7 @@ def environment() -> dict[str, Any]:
         "sandbox_python": python,
         "root": os.geteuid() == 0,
         "memory_cgroup": str(where.base) if where else None,
+        "cpu_cgroup": str(cpu.base) if cpu else None,
         "loadavg_before": os.getloadavg()[0],
     }
 
@@ -167,7 +170,7 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"Per run, median of {result['config']['repeats']} (after a warm-up):",
         "",
-        "| solution | sandboxed ms | same, no memory cgroup | plain subprocess ms | overhead ms |",
+        "| solution | sandboxed ms | same, no cgroups | plain subprocess ms | overhead ms |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, r in o.items():
@@ -178,9 +181,9 @@ def report(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Overhead = sandboxed - plain. Joining the memory cgroup (a cgroup v1 migration,"
-        " which waits for an RCU grace period) is the difference between the first two"
-        " columns; the rest is bwrap's namespaces and mounts and the runner.",
+        "Overhead = sandboxed - plain. Joining the memory and CPU cgroups is the difference"
+        " between the first two columns; the rest is bwrap's namespaces, mounts and seccomp"
+        " filter, and the runner (limits, non-dumpable, the fork of the solution's process).",
     ]
     lines += [
         "",

@@ -16,14 +16,15 @@ Item fields:
   statements (imports, helper assignments) run in order but are not counted. A block
   without a top-level assert (say ``def check(f): ...`` then ``check(f)``) is one test,
   passed when all of it runs without an exception. A solution that raises or exits before
-  the asserts fails them all. The solution never sees this code, and its values count
-  only as plain data (None, bool, int, float, str, bytes, list, tuple, dict of those,
-  exact types): how, and what a solution can and cannot do, is in ``docs/envs.md``
-  ("The code env's threat model"). An ``assert`` of a comparison (``assert f(3) == 9``,
-  ``assert 0 < g(x) <= 1``) or of a truth value (``assert h(2)``, ``assert not h(3)``) is
-  split: its operands that are literals (``9``, ``[1, 2]``) stay here; the others are
-  evaluated in the sandbox's judge process and their values compared here. Everything
-  else runs whole in the judge.
+  the asserts fails them all. The solution never sees this code, and its values count only
+  as plain data (None, bool, int, float, str, bytes, list, tuple, set, frozenset, dict of
+  those, exact types). An ``assert`` of a comparison with a literal operand
+  (``assert f(3) == 9``, ``assert 0 < g(x) <= 1``) or of a truth value (``assert h(2)``,
+  ``assert not h(3)``) is split: its literal operands (``9``, ``[1, 2]``) stay here; the
+  others are evaluated in the sandbox's judge process and their values compared here.
+  Everything else runs whole in the judge, where the solution's objects are equal only to
+  themselves. How, and what a solution can and cannot do: ``docs/envs.md``, "The code
+  env's threat model".
 * ``all_or_nothing``: when true the score is 1.0 only if every test passes, else 0.0 (and
   the tests after the first failure are skipped).
 * Limits (optional): ``cpu_limit_s`` (default 2; whole seconds, rounded up),
@@ -88,7 +89,7 @@ COMPARISONS: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
     ast.In: lambda a, b: a in b,
     ast.NotIn: lambda a, b: a not in b,
 }
-PLAIN = "None, bool, int, float, str, bytes, list, tuple or dict"
+PLAIN = "None, bool, int, float, str, bytes, list, tuple, set, frozenset or dict"
 _FENCE = re.compile(
     r"^[ \t]*```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE
 )
@@ -188,8 +189,14 @@ def split_asserts(asserts: Any) -> tuple[list[Statement], list[tuple[int, str, s
             statements.append(Statement(source, False, job=job("exec", stmt)))
             continue
         test = stmt.test
-        if isinstance(test, ast.Compare) and all(type(op) in COMPARISONS for op in test.ops):
-            operands = tuple(operand(node) for node in (test.left, *test.comparators))
+        if isinstance(test, ast.Compare):
+            nodes = (test.left, *test.comparators)
+            if not any(_literal(node)[0] for node in nodes) or not all(
+                type(op) in COMPARISONS for op in test.ops
+            ):  # no expected value to keep out (``type(f(3)) == int``): runs whole
+                statements.append(Statement(source, True, job=job("exec", stmt)))
+                continue
+            operands = tuple(operand(node) for node in nodes)
             ops = tuple(type(op) for op in test.ops)
             statements.append(Statement(source, True, operands, ops))
         else:
@@ -258,7 +265,8 @@ def verdict(st: Statement, records: dict[int, tuple[Any, ...]], missing: str) ->
         if record[1] == "fail":
             return str(record[2])
         if record[1] != "value":
-            return f"an operand is an object of the solution's own type, not a plain {PLAIN}"
+            kind = "of the solution's own type" if record[2] == "Remote" else f"a {record[2]}"
+            return f"an operand is an object {kind}, not a plain {PLAIN}"
         try:
             values.append(runner.decode(record[2]))
         except ValueError as e:

@@ -28,10 +28,10 @@ shares the sandbox (``docs/envs.md``, "The code env's threat model").
   plain value, or "opaque" for anything else), or whether an ``exec`` job ran.
 
 Values cross the pipes in a strict format (``encode``/``decode``): None, bool, int, float,
-str, bytes, list, tuple and dict of those, checked with ``type(x) is``, so no subclass
-(an ``int`` whose ``__eq__`` is always true) passes as a plain value; any other object of
-the solver crosses as a reference (``Remote`` on the judge's side), which compares equal
-only to itself. Standard library only, and few imports (each costs every run).
+str, bytes, list, tuple, set, frozenset and dict of those, checked with ``type(x) is``, so
+no subclass (an ``int`` whose ``__eq__`` is always true) passes as a plain value; any other
+object of the solver crosses as a reference (``Remote`` on the judge's side), which
+compares equal only to itself. Standard library only, and few imports (each costs every run).
 """
 
 from __future__ import annotations  # annotations are never evaluated: no typing import
@@ -77,8 +77,9 @@ def _encode(v: Any, out: list[bytes], ref: Callable[[Any], int] | None) -> None:
         data = v.encode("utf-8", "surrogatepass") if t is str else v
         out.append(b"%s%d:" % (b"s" if t is str else b"b", len(data)))
         out.append(data)
-    elif t is list or t is tuple:
-        out.append(b"%s%d:" % (b"l" if t is list else b"t", len(v)))
+    elif t is list or t is tuple or t is set or t is frozenset:
+        tag = b"l" if t is list else b"t" if t is tuple else b"S" if t is set else b"z"
+        out.append(b"%s%d:" % (tag, len(v)))
         for item in v:
             _encode(item, out, ref)
     elif t is dict:
@@ -136,14 +137,15 @@ def _decode(data: bytes, pos: int, ref: Callable[[int], Any] | None, depth: int)
             raise ValueError("malformed value: truncated")
         chunk = data[pos : pos + count]
         return (chunk.decode("utf-8", "surrogatepass") if tag == b"s" else chunk), pos + count
-    if tag in (b"l", b"t", b"d"):
+    if tag in (b"l", b"t", b"d", b"S", b"z"):
         items = []
         for _ in range(count * (2 if tag == b"d" else 1)):
             item, pos = _decode(data, pos, ref, depth + 1)
             items.append(item)
         if tag == b"d":
             return dict(zip(items[::2], items[1::2], strict=True)), pos
-        return (items if tag == b"l" else tuple(items)), pos
+        kind = {b"l": list, b"t": tuple, b"S": set, b"z": frozenset}[tag]
+        return (items if kind is list else kind(items)), pos
     raise ValueError(f"malformed value: tag {tag!r}")
 
 
@@ -323,7 +325,7 @@ def remote_id(obj: Any) -> int:
         return obj._id
     raise TypeError(
         f"cannot pass a {type(obj).__name__} to the solution: only None, bool, int, float, "
-        "str, bytes, list, tuple, dict and the solution's own objects"
+        "str, bytes, list, tuple, set, frozenset, dict and the solution's own objects"
     )
 
 
@@ -398,10 +400,13 @@ def bind_names(channel: Channel, namespace: dict[str, Any]) -> str | None:
     for name, entry in first[1].items():
         if type(name) is not str or type(entry) is not tuple or len(entry) != 2:
             return "malformed message from the solution's process"
+        if name.startswith("__") or hasattr(builtins, name):
+            continue  # the solver may lie: it never binds a builtin the tests rely on
         kind, value = entry
-        if kind == "module" and type(value) is str and value in sys.stdlib_module_names:
-            __import__(value)
-            value = sys.modules[value]  # the judge's own copy of the stdlib module
+        module = value if kind == "module" and type(value) is str else name
+        if module in sys.stdlib_module_names:  # a stdlib module's name is the judge's copy
+            __import__(module)
+            value = sys.modules[module]
         namespace[name] = value
     return None
 
@@ -440,9 +445,15 @@ def main() -> None:
     report_fd = int(report_arg)
     _write(report_fd, b"ready")
     undumpable()  # before the fork: the child starts non-dumpable too, with no window
+    # pid 1 ignores the signals it has no handler for when they come from inside its
+    # namespace; Python's only one is SIGINT's: ignored here, restored in the child
+    import _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     if mode == "stdio":
         child = os.fork()
         if child == 0:
+            _signal.signal(_signal.SIGINT, _signal.default_int_handler)
             os.close(report_fd)
             run_file(solution, main_module(solution))
             return  # the interpreter exits as ``python solution.py`` would
@@ -453,6 +464,7 @@ def main() -> None:
     from_solver, replies = os.pipe()
     child = os.fork()
     if child == 0:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         for fd in (jobs, report_fd, to_solver, from_solver):
             os.close(fd)
         try:

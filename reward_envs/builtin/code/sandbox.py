@@ -1,10 +1,10 @@
 """Run untrusted Python in a bubblewrap sandbox with hard limits; stdlib only.
 
-One call of ``run`` is one fresh sandbox: ``bwrap`` (Debian's ``bubblewrap``) started as
-an unprivileged user, with its own user, pid, network, ipc, uts and cgroup namespaces, no
-further user namespaces (``--disable-userns``), a new session (no terminal to inject
-into), and ``--die-with-parent`` (the sandbox goes when the env worker goes). What
-enforces what:
+One call of ``run`` (or ``run_judged``) is one fresh sandbox: ``bwrap`` (Debian's
+``bubblewrap``) started as an unprivileged user, with its own user, pid, network, ipc, uts
+and cgroup namespaces, no further user namespaces (``--disable-userns``), a new session (no
+terminal to inject into), and ``--die-with-parent`` (the sandbox goes when the env worker
+goes). What enforces what (the threat model: ``docs/envs.md``):
 
 * **who**: as root, the env drops to uid/gid 65534 (nobody) with no supplementary groups
   before exec'ing bwrap, so bwrap runs unprivileged and maps that uid into its user
@@ -19,6 +19,14 @@ enforces what:
   store, sockets or secrets: chosen over a read-only bind of ``/``, which would show the
   solution every world-readable file of the host.
 * **network**: ``--unshare-net``: a loopback of its own where nothing listens.
+* **system calls**: bwrap sets ``no_new_privs`` and loads ``seccomp.py``'s filter
+  (``--seccomp``) for every process of the sandbox: ``ptrace``, ``process_vm_readv``,
+  mounts, ``unshare``/``setns``, keyrings, ``bpf``, ``perf_event_open`` and more answer
+  ``EPERM``.
+* **other processes**: ``runner.py`` is the sandbox's pid 1 (``--as-pid-1``: no bwrap
+  init, which would have neither limits nor filter, shares the namespace), non-dumpable
+  before it forks the solution's process, so ``/proc/1/mem``, ``/proc/1/fd`` and the like
+  are closed to it; in judge mode pid 1 holds the tests and the report pipe.
 * **processes**: ``RLIMIT_NPROC`` set inside the sandbox. Since Linux 5.14 it counts the
   processes of a uid *in the user namespace*, so each sandbox has its own budget (a fork
   bomb in one cannot starve another) and, the uid not being root, it is enforced.
@@ -28,17 +36,19 @@ enforces what:
   per process; where we are root with a memory cgroup controller (``cgroup.py``), the
   sandbox's init joins a memory cgroup of its own before the command starts (bwrap's
   ``--block-fd``), capping all its processes and tmpfs together
-  (``Limits.group_memory_bytes``). Elsewhere a run's memory is bounded by
-  ``processes`` x ``memory_mb`` only.
+  (``Limits.group_memory_bytes``), and a CPU cgroup capping them at ``Limits.cpus``
+  cores where the cpu controller is there. Elsewhere a run's memory is bounded by
+  ``processes`` x ``memory_mb`` only, its cores by ``processes``.
 * **wall time and output**: enforced here. The wall limit counts from the runner's
   report (a slow start on a loaded machine does not eat the solution's time; the start
   itself may take ``SETUP_TIMEOUT_S``). Past it, or past ``output_bytes`` on stdout or
   stderr, the sandbox's init (pid 1 of its namespace) and bwrap's process group (its own
   session) are SIGKILLed; the kernel kills everything else in the pid namespace.
-* **nothing outlives a run**: this process is the subreaper of its descendants and reaps
-  the sandbox's init, which the kernel lets exit only after every process of the pid
-  namespace did; so ``run`` returns with the sandbox gone, and no zombie is left behind
-  for a host init that may not reap (some containers).
+* **nothing outlives a run**: the sandbox's init is the runner (pid 1), which the kernel
+  lets exit only after every process of the pid namespace did; bwrap reaps it, or this
+  process (the subreaper of its descendants) when bwrap was killed first. So ``run``
+  returns with the sandbox gone, and leaves no zombie behind for a host init that may not
+  reap (some containers).
 
 Sandbox failures (bwrap missing, setup errors, no Python the sandbox user can run) raise
 ``SandboxError``: the runner proves the sandbox came up by writing to a pipe before the
@@ -74,6 +84,19 @@ SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 """Tried after the env's own interpreter, which the sandbox user may be unable to reach
 (e.g. a pyenv Python under ``/root``, mode 0700)."""
 RUNNER_SOURCE = Path(__file__).with_name("runner.py").read_text()
+COMPILE_RUNNER = (
+    "import marshal, sys\n"
+    "sys.stdout.buffer.write(marshal.dumps(compile(sys.stdin.read(), 'runner.py', 'exec')))"
+)
+"""Run once per interpreter, outside the sandbox: ``runner.py`` as that Python's bytecode,
+so a run loads it (~0.1 ms) instead of compiling its source (~5 ms) each time."""
+BOOT_RUNNER = (
+    "import marshal, os, sys\n"
+    "with os.fdopen(int(sys.argv.pop(1)), 'rb') as f:\n"
+    "    code = marshal.loads(f.read())\n"
+    "exec(code)"
+)
+"""The sandbox's ``-c``: the runner's bytecode from the fd in its first argument."""
 READ_CHUNK = 1 << 16
 KILL_GRACE_S = 5.0
 PR_SET_CHILD_SUBREAPER = 36
@@ -478,10 +501,11 @@ def execute(
     stdin_fd = _memfd("stdin", stdin)
     filter_fd = _memfd("seccomp", seccomp_program())
     jobs_fd = _memfd("jobs", jobs) if jobs is not None else None
+    code_fd = _memfd("runner", runner_code(python))
     argv = sandbox_argv(python, prefix, limits, fds, info_w, filter_fd, block_r)
-    argv += ["-c", RUNNER_SOURCE, mode, SOLUTION, str(jobs_fd or "-"), str(report_w)]
+    argv += ["-c", BOOT_RUNNER, str(code_fd), mode, SOLUTION, str(jobs_fd or "-"), str(report_w)]
     argv += limits.runner_args()
-    passed = (*fds.values(), report_w, info_w, block_r, filter_fd)
+    passed = (*fds.values(), report_w, info_w, block_r, filter_fd, code_fd)
     passed += (jobs_fd,) if jobs_fd is not None else ()
     start = time.monotonic()
     try:
@@ -534,6 +558,26 @@ def execute(
 
 # -- choosing the interpreter ---------------------------------------------------------------
 _python: tuple[str, Path] | None = None
+_runner_code: dict[str, bytes] = {}
+
+
+def runner_code(python: str) -> bytes:
+    """``runner.py`` compiled by ``python`` (cached), as ``marshal`` bytes."""
+    if python not in _runner_code:
+        try:
+            done = subprocess.run(
+                [python, "-I", "-S", "-B", "-c", COMPILE_RUNNER],
+                input=RUNNER_SOURCE.encode(),
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SandboxError(f"the sandbox failed ({python}): cannot run it: {e}") from None
+        if done.returncode != 0:
+            why = last_line(done.stderr)
+            raise SandboxError(f"the sandbox failed ({python}): cannot compile the runner: {why}")
+        _runner_code[python] = done.stdout
+    return _runner_code[python]
 
 
 def candidates() -> list[tuple[str, Path]]:
