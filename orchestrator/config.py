@@ -143,6 +143,18 @@ class AdvantageConfig(StrictModel):
     ``refill_prompts``). 0: train on what is left."""
 
 
+class DPOConfig(StrictModel):
+    """Online DPO from verifiable rewards (``algorithm = "dpo"``): how a step's groups become
+    preference pairs (orchestrator/pairs.py). The loss itself is ``trainer.loss``
+    (``type = "dpo"``: variant, beta)."""
+
+    mode: Literal["online"] = "online"
+    """``online``: every step, each group's best completion against its worst. (Offline
+    DPO from a preference dataset is not built yet.)"""
+    margin: float = Field(0.0, ge=0.0)
+    """A group makes a pair only when its best and worst scores differ by more than this."""
+
+
 class CheckpointConfig(StrictModel):
     """When the run saves itself (atomically: write, then rename) for ``--resume``."""
 
@@ -241,7 +253,7 @@ class EvalConfig(StrictModel):
     """Prompts per set (the first N rows), unless the set says ``n``."""
     k: int = Field(8, ge=1)
     """Samples per prompt for pass@1 (sampled) and pass@k, unless the set says ``k``."""
-    every_steps: int = Field(0, ge=0)
+    every_steps: int = Field(50, ge=0)
     """Evaluate every N steps too (0: only at the start and the end)."""
 
     @model_validator(mode="after")
@@ -297,6 +309,12 @@ class RunConfig(StrictModel):
     """Prompt format: plain text or the tokenizer's chat template, and a system prompt."""
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     """Advantage estimation."""
+    algorithm: Literal["grpo", "dpo"] = "grpo"
+    """``grpo``: the GRPO family (group-relative advantages, ``trainer.loss.type`` grpo,
+    dr_grpo, dapo or gspo). ``dpo``: online DPO, each group's best against its worst
+    completion (``dpo``), with ``trainer.loss.type = "dpo"`` (the default it gets)."""
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    """Pairs for ``algorithm = "dpo"``."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     """Optimiser, loss and batching."""
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -317,6 +335,29 @@ class RunConfig(StrictModel):
     """Continue from the run directory's latest checkpoint (``caravela run --resume``).
     Without it a run refuses a directory holding a previous run, unless ``caravela run
     --overwrite`` (a flag, never a config value) deletes that run first."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_loss_by_default(cls, data: Any) -> Any:
+        # ``--set algorithm=dpo`` alone means the DPO loss with its defaults
+        if not isinstance(data, dict) or data.get("algorithm") != "dpo":
+            return data
+        trainer = data.get("trainer", {})
+        if isinstance(trainer, dict) and "type" not in trainer.get("loss", {}):
+            loss = {"type": "dpo", **trainer.get("loss", {})}
+            return {**data, "trainer": {**trainer, "loss": loss}}
+        return data
+
+    @model_validator(mode="after")
+    def _algorithm_has_its_loss(self) -> RunConfig:
+        dpo_loss = self.trainer.loss.type == "dpo"
+        if (self.algorithm == "dpo") != dpo_loss:
+            raise ValueError(
+                f"algorithm = {self.algorithm!r} with trainer.loss.type = "
+                f"{self.trainer.loss.type!r}: the DPO loss trains on the pairs that "
+                "algorithm = 'dpo' makes, and only on those; set both to 'dpo', or neither"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stale_tis_needs_cap(self) -> RunConfig:
@@ -482,6 +523,7 @@ _TAGS = {
     "dr_grpo",
     "dapo",
     "gspo",
+    "dpo",
     "auto",
     "transformers",
     "vllm",
