@@ -63,7 +63,38 @@ class GSPOLoss(_ClippedLoss):
     """Upper clip range for the sequence-level ratio."""
 
 
-LossConfig = Annotated[GRPOLoss | DrGRPOLoss | DAPOLoss | GSPOLoss, Field(discriminator="type")]
+class DPOLoss(StrictModel):
+    """DPO on preference pairs (``algorithm = "dpo"``): the policy's sequence logprob margin
+    between chosen and rejected completions, against a frozen reference (the initial
+    policy), pushed through ``variant`` (trainer/dpo.py)."""
+
+    type: Literal["dpo"] = "dpo"
+    """Selects this loss."""
+    variant: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """``sigmoid``: DPO's ``-log sigmoid(beta d)``; ``ipo``: IPO's squared loss (per-token
+    normalised log ratios, as TRL); ``hinge``: SLiC's ``relu(1 - beta d)``."""
+    beta: float = Field(0.1, gt=0.0)
+    """Strength of the implicit KL to the reference: larger keeps the policy closer to it
+    (for ``ipo``, the margin target is ``1 / (2 beta)``)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Conservative DPO: the probability that a pair's preference is wrong (``sigmoid``
+    only)."""
+    tis_cap: None = None
+    """Not used by DPO (the loss has no importance ratio to the engine); always None."""
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self) -> DPOLoss:
+        if self.label_smoothing > 0 and self.variant != "sigmoid":
+            raise ValueError(
+                f"trainer.loss.label_smoothing applies to the sigmoid variant only; unset it "
+                f"or set trainer.loss.variant = 'sigmoid' (got {self.variant!r})"
+            )
+        return self
+
+
+LossConfig = Annotated[
+    GRPOLoss | DrGRPOLoss | DAPOLoss | GSPOLoss | DPOLoss, Field(discriminator="type")
+]
 
 
 class TrainerConfig(StrictModel):
@@ -98,7 +129,8 @@ class TrainerConfig(StrictModel):
     is exactly 1 (the clip never acts) and there is no extra forward pass. One batch still
     makes one new policy version for the engines."""
     loss: LossConfig = Field(default_factory=GRPOLoss)
-    """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo."""
+    """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo, or dpo (preference
+    pairs: ``algorithm = "dpo"`` sets it)."""
 
     @field_validator("loss", mode="before")
     @classmethod

@@ -34,6 +34,14 @@ class TrainSample(BaseModel):
     """Reward env that scored it."""
     env_build: str = ""
     """Content hash of that env's build."""
+    reward: float | None = None
+    """The env's score of this completion (what PPO's critic learns; DPO's pairs are made
+    from it)."""
+    pair: int | None = Field(None, ge=0)
+    """DPO: the preference pair this completion belongs to (both completions of a pair carry
+    it, and the trainer keeps them on one rank). None outside DPO."""
+    chosen: bool | None = None
+    """DPO: True for the pair's preferred completion, False for the rejected one."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSample:
@@ -46,6 +54,8 @@ class TrainSample(BaseModel):
                 f"sample {self.sample_id}: {len(self.engine_logprobs)} engine logprobs for "
                 f"{len(self.completion_ids)} completion tokens"
             )
+        if (self.pair is None) != (self.chosen is None):
+            raise ValueError(f"sample {self.sample_id}: pair and chosen go together")
         return self
 
 
@@ -66,3 +76,28 @@ class TrainBatch(BaseModel):
     ``engine_logprobs``, which engines report after temperature), the reference model's (KL)
     and the entropy are all computed at this temperature. Engines must sample with top_p 1 and
     top_k off for the two to be the same distribution."""
+
+    @model_validator(mode="after")
+    def _whole_pairs(self) -> TrainBatch:
+        paired = [s for s in self.samples if s.pair is not None]
+        if not paired:
+            return self
+        if len(paired) != len(self.samples):
+            raise ValueError("a batch of preference pairs has samples without a pair")
+        sides: dict[int, list[TrainSample]] = {}
+        for s in paired:
+            sides.setdefault(s.pair or 0, []).append(s)
+        for pair, both in sides.items():
+            if sorted(bool(s.chosen) for s in both) != [False, True]:
+                raise ValueError(f"pair {pair} needs one chosen and one rejected completion")
+            if both[0].prompt_ids != both[1].prompt_ids:
+                raise ValueError(f"pair {pair}: its two completions answer different prompts")
+        return self
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(chosen, rejected) sample indices of each preference pair, by pair id."""
+        sides: dict[int, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            if s.pair is not None:
+                sides.setdefault(s.pair, [-1, -1])[0 if s.chosen else 1] = i
+        return [(c, r) for _, (c, r) in sorted(sides.items())]

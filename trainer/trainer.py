@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import TrainerConfig
+from trainer.config import DPOLoss, TrainerConfig
 from trainer.logprobs import PolicyLogprobs, micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
@@ -143,7 +143,9 @@ class Trainer:
         """What the passes compute in and ``state_dict`` exports (the engines' dtype)."""
         mixed = self.compute_dtype if cfg.dtype != cfg.master_dtype else None
         self.ref_model = None
-        if cfg.loss.kl_beta > 0:
+        self.dpo = isinstance(cfg.loss, DPOLoss)
+        """DPO: ``train_step`` runs ``trainer.preference.dpo_step`` on preference pairs."""
+        if isinstance(cfg.loss, DPOLoss) or cfg.loss.kl_beta > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
@@ -163,12 +165,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_updates)
         )
-        self.loss_params = LossParams(
-            eps_low=cfg.loss.eps_low,
-            eps_high=cfg.loss.eps_high,
-            kl_beta=cfg.loss.kl_beta,
-            tis_cap=cfg.loss.tis_cap,
-        )
+        self.loss_params = LossParams()
+        if not isinstance(cfg.loss, DPOLoss):
+            self.loss_params = LossParams(
+                eps_low=cfg.loss.eps_low,
+                eps_high=cfg.loss.eps_high,
+                kl_beta=cfg.loss.kl_beta,
+                tis_cap=cfg.loss.tis_cap,
+            )
         self.version = 0
 
     def layout(self, batch: TrainBatch, indices: list[int] | None = None) -> list[MicroBatch]:
@@ -192,6 +196,10 @@ class Trainer:
         """``updates_per_batch`` optimizer updates on ``batch`` (one new policy version);
         returns metrics: token-weighted means over the whole batch (so over the updates), loss,
         gradient norm and learning rate averaged over the updates."""
+        if self.dpo:
+            from trainer.preference import dpo_step
+
+            return dpo_step(self, batch)
         t0 = time.perf_counter()
         lengths = [len(s.completion_ids) for s in batch.samples]
         parts = minibatches(lengths, self.cfg.updates_per_batch)
@@ -267,6 +275,11 @@ class Trainer:
             for _ in range(idle):
                 logps, _ = self.policy(spare, batch.temperature)
                 (logps.sum() * 0.0).backward()
+        return total_loss, self._step_optimizer()
+
+    def _step_optimizer(self) -> float:
+        """After the backward passes of an update: sum the gradients over ranks (replicate),
+        clip their norm, step AdamW and the schedule; the norm before clipping."""
         if self.world > 1 and not self.sharded:
             self._all_reduce_grads()
         grad_norm: Any = torch.nn.utils.clip_grad_norm_(
@@ -276,7 +289,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
-        return total_loss, float(grad_norm)
+        return float(grad_norm)
 
     @torch.no_grad()
     def _old_logprobs(
