@@ -259,13 +259,16 @@ def reached(pid):
         wins.append("process_vm_readv")
     return wins
 
-wins = reached(1) + reached(os.getppid())
+others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+wins = [(pid, how) for pid in others for how in reached(pid)]
 """
 
 
 def test_ptrace_and_process_vm_readv_of_the_sandbox_init_fail(pool: EnvPool) -> None:
-    """pid 1 is the runner (stdio) or the judge (asserts): seccomp denies ``ptrace`` and
-    ``process_vm_readv``; it is not dumpable, so ``/proc/1/mem`` does not open either."""
+    """Every other process the solution can see: none with stdin/stdout tests (the
+    solution is pid 1 itself; before, bwrap's init was, without limits), the judge (pid 1)
+    with asserts. Seccomp denies ``ptrace`` and ``process_vm_readv``; the judge is not
+    dumpable, so its ``/proc/1/mem`` and ``environ`` do not open either."""
     stdio = solution(PTRACE + "\nprint('escaped' if wins else f'contained {wins}')")
     judged = solution(PTRACE + f"\ndef f(x):\n    return {SECRET} if wins else wins")
     [printed] = pool.score([Item("", stdio, {"tests": ESCAPED})])

@@ -8,24 +8,26 @@ arguments (``env.py`` imports it only for ``encode``/``decode``, the wire format
 It sets the resource limits on itself, soft and hard (so ``RLIMIT_NPROC`` counts the
 processes of the sandbox's own user namespace, see ``sandbox.py``), writes ``ready`` to
 ``REPORT_FD`` (the env's proof that the sandbox came up: a solution can make itself fail,
-never make the sandbox look broken), then forks the process that runs the solution, which
-closes ``JOBS_FD`` and ``REPORT_FD`` before any of the solution's code runs. By ``MODE``:
+never make the sandbox look broken), then, by ``MODE``:
 
-Before the fork it makes itself non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``, inherited by
-the child): its memory and fds are then out of reach through ``/proc`` of any other
-process of the sandbox (``ptrace`` and ``process_vm_readv`` are denied by seccomp anyway).
-It is pid 1 (bwrap ``--as-pid-1``), so no bwrap init without limits or seccomp filter
-shares the sandbox (``docs/envs.md``, "The code env's threat model").
-
-* ``stdio``: the child runs the solution file as ``__main__``, stdin/stdout as given; this
-  process waits for it and exits with its status (128 + N for signal N).
-* ``judge``: this process is the *judge*; the child, the *solver*, runs the solution as
-  ``__main__`` and then only answers requests on a pipe: call this object with these
-  arguments, get this attribute. After the fork the judge reads its jobs from
-  ``JOBS_FD``: the test code, which never enters the solver's memory. It runs each job in
-  a namespace where the solution's names are ``Remote`` proxies, and reports each on
-  ``REPORT_FD`` (which the solver has no reference to): the value of an ``expr`` job (a
-  plain value, or "opaque" for anything else), or whether an ``exec`` job ran.
+* ``stdio``: closes ``REPORT_FD`` and runs the solution file as ``__main__`` itself,
+  stdin/stdout as given. The solution is then the sandbox's pid 1 (bwrap ``--as-pid-1``):
+  no bwrap init without limits or seccomp filter shares the sandbox, and no process of
+  ours is there to attack. As pid 1 it ignores the signals it has no handler for sent from
+  inside the sandbox (so the CPU limit is a SIGKILL, soft = hard, and a write past the
+  file size limit fails with ``EFBIG`` rather than SIGXFSZ).
+* ``judge``: this process is the *judge*. It makes itself non-dumpable
+  (``prctl(PR_SET_DUMPABLE, 0)``: its memory, fds and environment become unreachable
+  through ``/proc`` to the other processes of the sandbox's uid; ``ptrace`` and
+  ``process_vm_readv`` are denied by seccomp anyway), then forks the *solver*, which
+  closes ``JOBS_FD`` and ``REPORT_FD``, runs the solution as ``__main__`` and then only
+  answers requests on a pipe: call this object with these arguments, get this attribute.
+  After the fork the judge reads its jobs from ``JOBS_FD``: the test code, which never
+  enters the solver's memory. It runs each job in a namespace where the solution's names
+  are ``Remote`` proxies, and reports each on ``REPORT_FD`` (which the solver has no
+  reference to): the value of an ``eval`` job (a plain value, or "opaque" for anything
+  else), or whether an ``exec`` job ran. As pid 1 it cannot be killed or stopped from
+  inside (it ignores SIGINT, the one signal Python handles).
 
 Values cross the pipes in a strict format (``encode``/``decode``): None, bool, int, float,
 str, bytes, list, tuple, set, frozenset and dict of those, checked with ``type(x) is``, so
@@ -188,9 +190,10 @@ class Reader:
 
 # -- both modes ---------------------------------------------------------------------------
 def set_limits(cpu_s: int, memory: int, processes: int, file_bytes: int, files: int) -> None:
-    """Lower every limit, soft and hard: nothing in the sandbox can raise them again."""
+    """Lower every limit, soft and hard: nothing in the sandbox can raise them again.
+    The CPU limit is a SIGKILL (soft = hard): pid 1 ignores SIGXCPU."""
     pairs = {
-        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),  # SIGXCPU, then SIGKILL a second later
+        resource.RLIMIT_CPU: (cpu_s, cpu_s),
         resource.RLIMIT_AS: (memory, memory),
         resource.RLIMIT_NPROC: (processes, processes),
         resource.RLIMIT_FSIZE: (file_bytes, file_bytes),
@@ -224,15 +227,6 @@ def one_line(e: BaseException) -> str:
     except BaseException:  # noqa: BLE001 - a hostile __str__
         text = "exception"
     return " ".join(text.split())[:200]
-
-
-def wait_for(child: int) -> int:
-    """Reap every child (orphans come to pid 1) until ``child`` ends; its exit code, or
-    128 + N when signal N killed it (pid 1 cannot re-raise it on itself)."""
-    while True:
-        pid, status = os.wait()
-        if pid == child:
-            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
 # -- the solver (the solution's process) ----------------------------------------------------
@@ -444,21 +438,16 @@ def main() -> None:
     set_limits(int(cpu_s), int(memory), int(processes) + 1, *(int(x) for x in limits))
     report_fd = int(report_arg)
     _write(report_fd, b"ready")
-    undumpable()  # before the fork: the child starts non-dumpable too, with no window
+    if mode == "stdio":  # the solution is pid 1 itself: no process of ours to protect
+        os.close(report_fd)
+        run_file(solution, main_module(solution))
+        return  # the interpreter exits as ``python solution.py`` would
+    undumpable()  # before the fork: the solver starts non-dumpable too, with no window
     # pid 1 ignores the signals it has no handler for when they come from inside its
-    # namespace; Python's only one is SIGINT's: ignored here, restored in the child
+    # namespace; Python's only one is SIGINT's: ignored here, restored in the solver
     import _signal
 
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
-    if mode == "stdio":
-        child = os.fork()
-        if child == 0:
-            _signal.signal(_signal.SIGINT, _signal.default_int_handler)
-            os.close(report_fd)
-            run_file(solution, main_module(solution))
-            return  # the interpreter exits as ``python solution.py`` would
-        os.close(report_fd)
-        os._exit(wait_for(child))
     jobs = int(jobs_arg)
     requests, to_solver = os.pipe()
     from_solver, replies = os.pipe()

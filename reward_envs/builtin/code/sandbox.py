@@ -24,15 +24,17 @@ goes). What enforces what (the threat model: ``docs/envs.md``):
   mounts, ``unshare``/``setns``, keyrings, ``bpf``, ``perf_event_open`` and more answer
   ``EPERM``.
 * **other processes**: ``runner.py`` is the sandbox's pid 1 (``--as-pid-1``: no bwrap
-  init, which would have neither limits nor filter, shares the namespace), non-dumpable
-  before it forks the solution's process, so ``/proc/1/mem``, ``/proc/1/fd`` and the like
-  are closed to it; in judge mode pid 1 holds the tests and the report pipe.
+  init, which would have neither limits nor filter, shares the namespace). In stdio mode
+  it becomes the solution itself; in judge mode it holds the tests and the report pipe,
+  and makes itself non-dumpable before it forks the solution's process, so
+  ``/proc/1/mem``, ``/proc/1/fd`` and the like are closed to that one.
 * **processes**: ``RLIMIT_NPROC`` set inside the sandbox. Since Linux 5.14 it counts the
   processes of a uid *in the user namespace*, so each sandbox has its own budget (a fork
   bomb in one cannot starve another) and, the uid not being root, it is enforced.
-* **CPU, memory, file size, open files**: ``RLIMIT_CPU`` (SIGXCPU, SIGKILL one second
-  later), ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core files; set by
-  ``runner.py`` in the sandbox before any solution code runs, soft and hard. These are
+* **CPU, memory, file size, open files**: ``RLIMIT_CPU`` (SIGKILL: pid 1 ignores
+  SIGXCPU; ``RunResult.cpu_s`` tells it from other kills), ``RLIMIT_AS``,
+  ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core files; set by ``runner.py`` in the sandbox
+  before any solution code runs, soft and hard. These are
   per process; where we are root with a memory cgroup controller (``cgroup.py``), the
   sandbox's init joins a memory cgroup of its own before the command starts (bwrap's
   ``--block-fd``), capping all its processes and tmpfs together
@@ -61,6 +63,7 @@ import ctypes
 import json
 import math
 import os
+import resource
 import select
 import shutil
 import signal
@@ -101,8 +104,11 @@ READ_CHUNK = 1 << 16
 KILL_GRACE_S = 5.0
 PR_SET_CHILD_SUBREAPER = 36
 SETUP_TIMEOUT_S = 5.0
-GROUP_SLACK = 64 << 20
 """Most seconds bwrap and the runner may take to start, before the wall limit runs."""
+GROUP_SLACK = 64 << 20
+CPU_KILL_SHARE = 0.9
+"""A run SIGKILLed after this share of its CPU limit hit the limit (the CPU time that
+rusage reports falls a little short of what the kernel's limit counted)."""
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 
 
@@ -157,6 +163,8 @@ class RunResult:
     seconds: float = 0.0
     memory_peak_bytes: int | None = None
     """Most memory the run held at once, where a memory cgroup measured it."""
+    cpu_s: float | None = None
+    """CPU seconds the run's processes took (those that were reaped: its pid 1 at least)."""
     cpu_throttled_s: float | None = None
     """Seconds the run waited for its CPU cgroup's quota, where there was one."""
     report: bytes = b""
@@ -172,8 +180,12 @@ class RunResult:
             return f"output limit exceeded ({limits.output_bytes} bytes)"
         if self.returncode == 0:
             return None
+        cpu_limit = f"CPU time limit exceeded ({limits.cpu_rlimit} s)"
+        near_limit = (self.cpu_s or 0) >= CPU_KILL_SHARE * limits.cpu_rlimit
+        if self.returncode == 128 + signal.SIGKILL and near_limit:
+            return cpu_limit  # RLIMIT_CPU kills a sandbox's pid 1 with SIGKILL
         signals = {
-            signal.SIGXCPU: f"CPU time limit exceeded ({limits.cpu_rlimit} s)",
+            signal.SIGXCPU: cpu_limit,
             signal.SIGXFSZ: "file size limit exceeded",
             signal.SIGKILL: "killed (SIGKILL)",
             signal.SIGSEGV: "segmentation fault",
@@ -462,6 +474,12 @@ def _confine(
     return memory, cpu
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped descendants (bwrap accumulates its own)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 _seccomp_program: bytes | None = None
 
 
@@ -508,6 +526,7 @@ def execute(
     passed = (*fds.values(), report_w, info_w, block_r, filter_fd, code_fd)
     passed += (jobs_fd,) if jobs_fd is not None else ()
     start = time.monotonic()
+    cpu_before = _children_cpu()
     try:
         proc = _start(argv, stdin_fd, passed)
     except BaseException:
@@ -550,6 +569,7 @@ def execute(
         timed_out=watch.timed_out,
         output_exceeded=watch.exceeded,
         seconds=time.monotonic() - start,
+        cpu_s=_children_cpu() - cpu_before,
         memory_peak_bytes=peak,
         cpu_throttled_s=throttled,
         report=bytes(watch.report[len(b"ready") :]),
