@@ -309,10 +309,12 @@ class RunConfig(StrictModel):
     """Prompt format: plain text or the tokenizer's chat template, and a system prompt."""
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     """Advantage estimation."""
-    algorithm: Literal["grpo", "dpo"] = "grpo"
+    algorithm: Literal["grpo", "dpo", "ppo"] = "grpo"
     """``grpo``: the GRPO family (group-relative advantages, ``trainer.loss.type`` grpo,
     dr_grpo, dapo or gspo). ``dpo``: online DPO, each group's best against its worst
-    completion (``dpo``), with ``trainer.loss.type = "dpo"`` (the default it gets)."""
+    completion (``dpo``), with ``trainer.loss.type = "dpo"``. ``ppo``: PPO with a critic on
+    each completion's score, with ``trainer.loss.type = "ppo"``. The loss type defaults to
+    the algorithm's."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """Pairs for ``algorithm = "dpo"``."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -339,24 +341,26 @@ class RunConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _dpo_loss_by_default(cls, data: Any) -> Any:
-        # ``--set algorithm=dpo`` alone means the DPO loss with its defaults
-        if not isinstance(data, dict) or data.get("algorithm") != "dpo":
+        # ``--set algorithm=dpo`` alone means the DPO loss with its defaults (ppo: PPO's)
+        algorithm = data.get("algorithm") if isinstance(data, dict) else None
+        if algorithm not in ("dpo", "ppo"):
             return data
         trainer = data.get("trainer", {})
         if isinstance(trainer, dict) and "type" not in trainer.get("loss", {}):
-            loss = {"type": "dpo", **trainer.get("loss", {})}
+            loss = {"type": algorithm, **trainer.get("loss", {})}
             return {**data, "trainer": {**trainer, "loss": loss}}
         return data
 
     @model_validator(mode="after")
     def _algorithm_has_its_loss(self) -> RunConfig:
-        dpo_loss = self.trainer.loss.type == "dpo"
-        if (self.algorithm == "dpo") != dpo_loss:
-            raise ValueError(
-                f"algorithm = {self.algorithm!r} with trainer.loss.type = "
-                f"{self.trainer.loss.type!r}: the DPO loss trains on the pairs that "
-                "algorithm = 'dpo' makes, and only on those; set both to 'dpo', or neither"
-            )
+        loss = self.trainer.loss.type
+        for own in ("dpo", "ppo"):
+            if (self.algorithm == own) != (loss == own):
+                raise ValueError(
+                    f"algorithm = {self.algorithm!r} with trainer.loss.type = {loss!r}: the "
+                    f"{own.upper()} loss trains on what algorithm = {own!r} hands the "
+                    f"trainer, and only on that; set both to {own!r}, or neither"
+                )
         return self
 
     @model_validator(mode="after")
@@ -524,6 +528,7 @@ _TAGS = {
     "dapo",
     "gspo",
     "dpo",
+    "ppo",
     "auto",
     "transformers",
     "vllm",

@@ -21,6 +21,7 @@ from inference_server.protocol import GenerateRequest, GenerateResult, SamplingP
 from inference_server.tokens import encode_prompts
 from orchestrator.config import PromptConfig, RunConfig
 from orchestrator.data import Prompt
+from orchestrator.pairs import make_pairs
 from orchestrator.scoring import Scorer, Streaming
 from reward_envs.protocol import RewardResult
 from trainer.advantages import compute_advantages, zero_variance_groups
@@ -207,6 +208,7 @@ def build_batch(
                         engine_id=c.engine_id,
                         env=s.env,
                         env_build=s.build_hash,
+                        reward=s.score,  # PPO's critic learns from it
                     )
                 )
     completions = [c for res in r.results for c in res.completions]
@@ -230,6 +232,9 @@ def build_batch(
         "items_scored": float(sum(s.score is not None for g in r.scores for s in g)),
         **{k: float(v) for k, v in by_kind.items()},
     }
+    if cfg.algorithm == "dpo":  # preference pairs instead of advantages
+        samples, pair_stats = make_pairs(r, cfg.dpo.margin)
+        stats |= pair_stats | {"groups_kept": pair_stats["pairs"]}  # a group gives one pair
     if not samples:
         return None, stats
     batch = TrainBatch(

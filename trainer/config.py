@@ -7,6 +7,7 @@ module imports pydantic only (``StrictModel`` and ``default_type`` come from
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -92,8 +93,38 @@ class DPOLoss(StrictModel):
         return self
 
 
+class PPOLoss(StrictModel):
+    """PPO with a critic (``algorithm = "ppo"``): token-level GAE on the env's score (on the
+    last token) minus an optional per-token KL penalty, the clipped surrogate, and a value
+    model trained alongside with a clipped value loss (trainer/ppo.py, trainer/critic.py)."""
+
+    type: Literal["ppo"] = "ppo"
+    """Selects this loss."""
+    eps: float = Field(0.2, gt=0.0, lt=1.0)
+    """Policy clip range: the ratio is clipped to ``[1 - eps, 1 + eps]``."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """Discount per token."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE's lambda: 1 is the Monte-Carlo return minus the value, 0 the one-step TD error."""
+    value_clip: float | None = Field(0.2, gt=0.0)
+    """The critic's new values are clipped to ``old +- value_clip`` in the value loss (the
+    larger of the clipped and unclipped squared errors is taken); None: unclipped."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Per-token KL penalty ``kl_coef x (logp - logp_ref)`` subtracted from the reward (the
+    reference is the initial policy, loaded only when this is > 0)."""
+    whiten_advantages: bool = True
+    """Normalise the advantages over the batch's tokens (mean 0, std 1; across ranks)."""
+    critic_lr: float = Field(1e-4, gt=0.0, le=1.0)
+    """The critic's AdamW learning rate (constant; ``trainer.lr`` is the policy's)."""
+    critic_model: Path | None = None
+    """HF causal LM whose backbone the critic is (same tokenizer as the policy); None: the
+    policy's model. A scalar head starting at zero is added."""
+    tis_cap: None = None
+    """Not used by PPO; always None."""
+
+
 LossConfig = Annotated[
-    GRPOLoss | DrGRPOLoss | DAPOLoss | GSPOLoss | DPOLoss, Field(discriminator="type")
+    GRPOLoss | DrGRPOLoss | DAPOLoss | GSPOLoss | DPOLoss | PPOLoss, Field(discriminator="type")
 ]
 
 
@@ -129,8 +160,8 @@ class TrainerConfig(StrictModel):
     is exactly 1 (the clip never acts) and there is no extra forward pass. One batch still
     makes one new policy version for the engines."""
     loss: LossConfig = Field(default_factory=GRPOLoss)
-    """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo, or dpo (preference
-    pairs: ``algorithm = "dpo"`` sets it)."""
+    """Policy loss; pick with ``loss.type`` = grpo | dr_grpo | dapo | gspo, dpo (preference
+    pairs: ``algorithm = "dpo"`` sets it) or ppo (a critic: ``algorithm = "ppo"``)."""
 
     @field_validator("loss", mode="before")
     @classmethod

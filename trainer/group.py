@@ -88,6 +88,17 @@ class TrainerRank:
             attn_implementation=cfg.attn_implementation,
         )
         self.model = model.to("cuda") if torch.cuda.is_available() else model
+        self.critic: Any = None
+        """PPO's critic LM when ``trainer.loss.critic_model`` names one (else the Trainer
+        copies the policy's)."""
+        critic_dir = getattr(cfg.loss, "critic_model", None)
+        if critic_dir is not None:
+            critic: Any = AutoModelForCausalLM.from_pretrained(
+                critic_dir,
+                dtype=getattr(torch, cfg.master_dtype),
+                attn_implementation=cfg.attn_implementation,
+            )
+            self.critic = critic.to("cuda") if torch.cuda.is_available() else critic
         self.trainer: Any = None
         self.transfer: Any = None
 
@@ -113,14 +124,18 @@ class TrainerRank:
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
         )
-        self.trainer = Trainer(self.model, self.cfg, self.tok.pad_token_id, self.total_updates)
+        self.trainer = Trainer(
+            self.model, self.cfg, self.tok.pad_token_id, self.total_updates, self.critic
+        )
         return self.rank
 
     def alone(self) -> int:
         """Build the trainer without a process group (the only rank, in the driver)."""
         from trainer.trainer import Trainer
 
-        self.trainer = Trainer(self.model, self.cfg, self.tok.pad_token_id, self.total_updates)
+        self.trainer = Trainer(
+            self.model, self.cfg, self.tok.pad_token_id, self.total_updates, self.critic
+        )
         return self.rank
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

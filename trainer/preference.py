@@ -108,6 +108,7 @@ def _update(
     indices = [i for pair in pairs for i in pair]
     micro = tr.layout(batch, indices)
     temperature = batch.temperature
+    ref_model: Any = tr.ref_model  # always loaded under the DPO loss
     # pass 1, no grad: sequence logprobs under the policy and the frozen reference
     policy_seq: dict[int, float] = {}
     ref_seq: dict[int, float] = {}
@@ -116,9 +117,7 @@ def _update(
         for mb in micro:
             logps, _ = tr.policy(mb, temperature)
             with tr.policy.compute():
-                ref, _ = micro_batch_logprobs(
-                    tr.ref_model, mb, tr.cfg.logprob_chunk_size, temperature
-                )
+                ref, _ = micro_batch_logprobs(ref_model, mb, tr.cfg.logprob_chunk_size, temperature)
             for i, p, r in zip(
                 mb.sample_ids,
                 _sequence_sums(logps, mb).tolist(),

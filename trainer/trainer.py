@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import DPOLoss, TrainerConfig
+from trainer.config import DPOLoss, PPOLoss, TrainerConfig
+from trainer.critic import Critic, shard_critic
 from trainer.logprobs import PolicyLogprobs, micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
 from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
@@ -120,10 +121,13 @@ class Trainer:
         cfg: TrainerConfig,
         pad_id: int = 0,
         total_updates: int | None = None,
+        critic: nn.Module | None = None,
     ) -> None:
         """``total_updates``: the optimizer updates of the whole run (its steps x
         ``updates_per_batch``), what ``linear``/``cosine`` ``lr_schedule``s decay over;
-        None (unit tests, benchmarks) only with the ``constant`` one."""
+        None (unit tests, benchmarks) only with the ``constant`` one. ``critic``: PPO's
+        value model's causal LM (``trainer.loss.critic_model``); None with PPO: a copy of
+        ``model``."""
         self.cfg = cfg
         self.model = model
         self.pad_id = pad_id
@@ -145,8 +149,16 @@ class Trainer:
         self.ref_model = None
         self.dpo = isinstance(cfg.loss, DPOLoss)
         """DPO: ``train_step`` runs ``trainer.preference.dpo_step`` on preference pairs."""
-        if isinstance(cfg.loss, DPOLoss) or cfg.loss.kl_beta > 0:
+        if isinstance(cfg.loss, PPOLoss):
+            needs_ref = cfg.loss.kl_coef > 0
+        else:
+            needs_ref = isinstance(cfg.loss, DPOLoss) or cfg.loss.kl_beta > 0
+        if needs_ref:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.critic: Critic | None = None
+        """PPO's value model (``trainer.critic``), trained by ``trainer.ppo_step``."""
+        if isinstance(cfg.loss, PPOLoss):
+            self.critic = Critic(copy.deepcopy(model) if critic is None else critic).train()
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1
@@ -159,14 +171,24 @@ class Trainer:
         self.policy = PolicyLogprobs(model, cfg.logprob_chunk_size, autocast=mixed)
         if self.sharded:
             fsdp2(self.policy, mixed)
+            if self.critic is not None:
+                shard_critic(self.critic, mixed)
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
+        if self.critic is not None:
+            assert isinstance(cfg.loss, PPOLoss)
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(),
+                lr=cfg.loss.critic_lr,
+                betas=cfg.betas,
+                weight_decay=cfg.weight_decay,
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_updates)
         )
         self.loss_params = LossParams()
-        if not isinstance(cfg.loss, DPOLoss):
+        if not isinstance(cfg.loss, DPOLoss | PPOLoss):
             self.loss_params = LossParams(
                 eps_low=cfg.loss.eps_low,
                 eps_high=cfg.loss.eps_high,
@@ -200,6 +222,10 @@ class Trainer:
             from trainer.preference import dpo_step
 
             return dpo_step(self, batch)
+        if self.critic is not None:
+            from trainer.ppo_step import ppo_step
+
+            return ppo_step(self, batch)
         t0 = time.perf_counter()
         lengths = [len(s.completion_ids) for s in batch.samples]
         parts = minibatches(lengths, self.cfg.updates_per_batch)
@@ -343,7 +369,12 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.model, self.optimizer)
-        return {"model": model, "optimizer": optim}
+        state = {"model": model, "optimizer": optim}
+        if self.critic is not None:  # PPO: the critic goes with the policy
+            state["critic"], state["critic_optimizer"] = get_state_dict(
+                self.critic, self.critic_optimizer
+            )
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load what ``checkpoint`` returned, or the same layout filled by
@@ -356,6 +387,18 @@ class Trainer:
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
+        if self.critic is not None:
+            if "critic" not in state:
+                raise ValueError(
+                    "this checkpoint holds no critic (it was not written by a PPO run): "
+                    "resume it with the loss it was trained with"
+                )
+            set_state_dict(
+                self.critic,
+                self.critic_optimizer,
+                model_state_dict=state["critic"],
+                optim_state_dict=state["critic_optimizer"],
+            )
 
     def _all_reduce_grads(self) -> None:
         """Sum the gradients over ranks (the replicate path; FSDP2 reduces its own)."""

@@ -58,7 +58,10 @@ def test_overrides_are_typed_and_nested():
         (["trainer.lr=-1"], "trainer.lr: Input should be greater than 0 (got -1)"),
         (["trainer.lr=fast"], "trainer.lr: Input should be a valid number"),
         (["trainer.lrr=1e-4"], "trainer.lrr: unknown key; did you mean 'lr'?"),
-        (["trainer.loss.type=ppo"], "expected tags: 'grpo', 'dr_grpo', 'dapo', 'gspo'"),
+        (
+            ["trainer.loss.type=reinforce"],
+            "expected tags: 'grpo', 'dr_grpo', 'dapo', 'gspo', 'dpo', 'ppo'",
+        ),
         (["trainer.loss.type=dapo", "trainer.loss.eps_hihg=0.3"], "did you mean 'eps_high'?"),
         (
             ["rollout.group_size=1"],
