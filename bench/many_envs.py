@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=1, help="1-env/30-env run pairs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
 
@@ -151,12 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     # each run on a cluster of its own, as `caravela run` starts it (a run's trainer ranks
     # and engines hold their resources until that cluster stops)
-    runs = [
-        steps_of(one_env(base.model_copy(update={"output_dir": tmp / "run1"})), "1 env"),
-        steps_of(base, "30 envs"),
-    ]
+    load = [os.getloadavg()[0]]
+    runs = []
+    for i in range(args.pairs):  # alternated, so both see the same load over time
+        one = base.model_copy(update={"output_dir": tmp / f"run1-{i}"})
+        runs.append(steps_of(one_env(one), "1 env"))
+        many = base.model_copy(update={"output_dir": tmp / f"run30-{i}"})
+        runs.append(steps_of(many, "30 envs"))
+        load.append(os.getloadavg()[0])
 
-    one, many = runs
+    def step_s(label: str) -> float:
+        return statistics.median(float(x["step_seconds"]) for x in runs if x["label"] == label)
+
     r = base.rollout
     result = {
         "config": str(CONFIG.relative_to(REPO)),
@@ -168,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "pools_ready_s": {k: statistics.median(v) for k, v in ready.items()},
         "pools_ready_all_s": ready,
         "runs": runs,
-        "step_time_ratio": many["step_seconds"] / one["step_seconds"],
+        "load_average_1min": load,
+        "cpus": os.cpu_count(),
+        "step_time_ratio": step_s("30 envs") / step_s("1 env"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "many_envs.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -208,7 +218,15 @@ def markdown(res: dict) -> str:
             f"{r['step_seconds']:.3f} | {r['seconds/generate']:.3f} | {r['seconds/score']:.3f} "
             f"| {r['seconds/score_tail']:.3f} | {r['seconds/train']:.3f} |"
         )
-    lines += ["", f"Step time ratio, 30 envs / 1 env: {res['step_time_ratio']:.2f}x", ""]
+    lines += [
+        "",
+        f"Step time ratio, 30 envs / 1 env (median step s of each kind): "
+        f"{res['step_time_ratio']:.2f}x",
+        "",
+        f"Machine: {res['cpus']} cores; 1-minute load average before and after each pair: "
+        f"{', '.join(f'{x:.1f}' for x in res['load_average_1min'])} (other jobs share it).",
+        "",
+    ]
     return "\n".join(lines)
 
 
