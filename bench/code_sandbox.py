@@ -167,6 +167,8 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"{e['cpus']} CPUs, kernel {e['kernel']}, {e['bwrap']}, sandbox Python "
         f"{e['sandbox_python']}, run as {'root (sandbox as nobody)' if e['root'] else 'a user'}.",
+        f"1-min load average {e['loadavg_before']:.1f} before, "
+        f"{e.get('loadavg_after', float('nan')):.1f} after (wall times scale with it).",
         "",
         f"Per run, median of {result['config']['repeats']} (after a warm-up):",
         "",
@@ -183,7 +185,7 @@ def report(result: dict[str, Any]) -> str:
         "",
         "Overhead = sandboxed - plain. Joining the memory and CPU cgroups is the difference"
         " between the first two columns; the rest is bwrap's namespaces, mounts and seccomp"
-        " filter, and the runner (limits, non-dumpable, the fork of the solution's process).",
+        " filter, and the runner setting the limits (these runs are stdin/stdout ones).",
     ]
     lines += [
         "",

@@ -459,8 +459,8 @@ def _confine(
             memory = cgroup.MemoryCgroup(where, limits.group_memory_bytes)
             memory.add(init)
         if cpu_where is not None:
-            same = memory is not None and cpu_where.v2 and where is not None
-            shared = memory.path if same and memory is not None else None
+            v2_memory = where is not None and where.limit == "memory.max"
+            shared = memory.path if memory is not None and cpu_where.v2 and v2_memory else None
             cpu = cgroup.CpuCgroup(cpu_where, limits.cpus, shared)
             cpu.add(init)
         os.write(block_fd, b"x")
