@@ -148,9 +148,11 @@ class DPOConfig(StrictModel):
     preference pairs (orchestrator/pairs.py). The loss itself is ``trainer.loss``
     (``type = "dpo"``: variant, beta)."""
 
-    mode: Literal["online"] = "online"
-    """``online``: every step, each group's best completion against its worst. (Offline
-    DPO from a preference dataset is not built yet.)"""
+    mode: Literal["online", "offline"] = "online"
+    """``online``: every step, each group's best completion against its worst.
+    ``offline``: the pairs are read from the run's datasets instead of generated: every row
+    needs text columns ``chosen`` and ``rejected`` (or ``fields`` naming them) besides its
+    prompt; the engines only serve the evaluations."""
     margin: float = Field(0.0, ge=0.0)
     """A group makes a pair only when its best and worst scores differ by more than this."""
 

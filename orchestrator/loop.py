@@ -38,6 +38,7 @@ from orchestrator.evaluate import (
 )
 from orchestrator.export import FINAL, export_run, load_policy, load_tokenizer, served_model
 from orchestrator.live import LiveEnvs
+from orchestrator.pairs import offline_rollout
 from orchestrator.parts import Parts, open_parts
 from orchestrator.prepare import PreparedStore
 from orchestrator.protocol import DriverState, SamplerState
@@ -104,6 +105,9 @@ def train(
     draw = partial(
         rollout, parts.engines, parts.scorer, sampling, tok=tok, cache={}, prompt=cfg.prompt
     )
+    if cfg.algorithm == "dpo" and cfg.dpo.mode == "offline":  # pairs read, not generated
+        served = lambda: parts.version  # noqa: E731 - read at every draw
+        draw = partial(offline_rollout, tok=tok, cache={}, prompt=cfg.prompt, version=served)
     asked = checkpoint.Requests(Path(cfg.output_dir))
     stale_key = "groups_stale_" + ("corrected" if cfg.rollout.stale == "tis" else "dropped")
     with ThreadPoolExecutor(1) as pool:

@@ -6,15 +6,22 @@ their scores differ by more than ``dpo.margin``; ties go to the earlier completi
 with an errored completion, or whose best or worst completion is empty, gives none. The
 pair's two ``TrainSample``s carry the same ``pair`` id, which the trainer uses to keep them
 together (trainer/preference.py).
+
+Offline DPO reads the pairs from a preference dataset instead (``offline_rollout``): each
+row becomes a group of two completions, chosen scored 1 and rejected 0, and goes through
+the same ``build_batch`` and ``make_pairs``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from trainer.protocol import TrainSample
 
 if TYPE_CHECKING:
+    from orchestrator.config import PromptConfig
+    from orchestrator.data import Prompt
     from orchestrator.rollout import Rollout
 
 
@@ -45,7 +52,7 @@ def make_pairs(r: Rollout, margin: float) -> tuple[list[TrainSample], dict[str, 
                     prompt_ids=request.prompt_ids,
                     completion_ids=c.token_ids,
                     advantage=0.0,
-                    engine_logprobs=c.logprobs,
+                    engine_logprobs=c.logprobs or None,  # offline pairs have none
                     policy_version=c.policy_version,
                     engine_id=c.engine_id,
                     env=group[i].env,
@@ -61,3 +68,53 @@ def make_pairs(r: Rollout, margin: float) -> tuple[list[TrainSample], dict[str, 
         "pairs/score_gap": sum(gaps) / len(gaps) if gaps else 0.0,
     }
     return samples, stats
+
+
+def offline_rollout(
+    prompts: list[Prompt],
+    tok: Any,
+    cache: dict[str, list[int]],
+    prompt: PromptConfig | None = None,
+    version: Callable[[], int] = lambda: 0,
+) -> Rollout:
+    """Offline DPO (``dpo.mode = "offline"``): a step's rows of a preference dataset as the
+    rollout the engines would have made, so that the loop, ``build_batch`` and
+    ``make_pairs`` are the online ones. Each row's ``chosen`` and ``rejected`` texts are a
+    group of two completions scored 1 and 0 (no env is called), tokenized without special
+    tokens, the tokenizer's EOS appended. They carry no engine logprobs and are tagged with
+    the version the engines serve (``version()``): they come from no policy, so they are
+    never stale."""
+    from inference_server.protocol import Completion, GenerateRequest, GenerateResult
+    from orchestrator.rollout import Rollout, tokenize
+    from reward_envs.protocol import RewardResult
+
+    requests, results, scores = [], [], []
+    served = version()
+    eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
+    for p in prompts:
+        missing = [k for k in ("chosen", "rejected") if not isinstance(p.fields.get(k), str)]
+        if missing:
+            raise ValueError(
+                f"prompt {p.id}: dpo.mode = 'offline' reads a preference dataset, whose rows "
+                f"need text columns 'chosen' and 'rejected'; this row lacks {missing} (map "
+                "other column names with the dataset's fields = { chosen = ..., rejected = "
+                "... }})"
+            )
+        ids = tokenize(tok, p, cache, prompt)
+        completions = [
+            Completion(
+                token_ids=list(tok(p.fields[k], add_special_tokens=False)["input_ids"]) + eos,
+                text=p.fields[k],
+                logprobs=[],
+                finish_reason="stop",
+                policy_version=served,
+                engine_id="dataset",
+            )
+            for k in ("chosen", "rejected")
+        ]
+        requests.append(GenerateRequest(request_id=p.id, prompt_ids=ids))
+        results.append(GenerateResult(request_id=p.id, completions=completions))
+        scores.append(
+            [RewardResult(s, None, None, {}, p.env, "dataset", "dataset") for s in (1.0, 0.0)]
+        )
+    return Rollout(list(prompts), requests, results, scores)

@@ -203,7 +203,7 @@ def build_batch(
                         prompt_ids=request.prompt_ids,
                         completion_ids=c.token_ids,
                         advantage=float(adv.values[0, i]),
-                        engine_logprobs=c.logprobs,
+                        engine_logprobs=c.logprobs or None,  # none: offline DPO rows
                         policy_version=c.policy_version,
                         engine_id=c.engine_id,
                         env=s.env,

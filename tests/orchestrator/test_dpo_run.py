@@ -130,3 +130,75 @@ def test_caravela_run_dpo_makes_pairs_and_trains(tmp_path, mode):
     assert max(abs(m["dpo/margin"]) for m in trained[1:]) > 1e-3  # the policy moved
     assert metrics[-1]["version"] == len(trained)
     assert (out / "checkpoints" / "step-000006").is_dir() and (out / "final").is_dir()
+
+
+def _preference_rows(path: Path, n: int = 64) -> Path:
+    """Rows of the tiny arith train set with a chosen (the right answer) and a rejected (a
+    wrong one) completion: a preference dataset the arith env can still score for eval."""
+    from common import paths
+
+    rows = [json.loads(x) for x in Path(paths.TINY_TRAIN).read_text().splitlines()[:n]]
+    with path.open("w") as f:
+        for r in rows:
+            wrong = str(int(r["answer"]) + 1 + len(r["id"]) % 7)
+            f.write(json.dumps({**r, "chosen": r["answer"], "rejected": wrong}) + "\n")
+    return path
+
+
+def test_offline_rows_become_pairs(tmp_path):
+    from transformers import AutoTokenizer
+
+    from common import paths
+    from orchestrator.pairs import offline_rollout
+
+    tok = AutoTokenizer.from_pretrained(paths.TINY_MODEL)
+    cfg = load_config(None, ["algorithm=dpo", "dpo.mode=offline"])
+    good = Prompt(
+        id="p",
+        text="Q: 1+2+3 A: ",
+        env="arith",
+        fields={"answer": "6", "chosen": "6", "rejected": "7"},
+    )
+    r = offline_rollout([good], tok, {}, version=lambda: 3)
+    batch, stats = build_batch(0, r, cfg)
+    assert batch is not None and stats["pairs"] == 1
+    chosen, rejected = batch.samples
+    assert chosen.chosen and not rejected.chosen
+    assert chosen.completion_ids == tok("6", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+    assert chosen.engine_logprobs is None and chosen.policy_version == 3
+    bad = Prompt(id="q", text="Q: 1 A: ", env="arith", fields={"answer": "1", "chosen": "1"})
+    with pytest.raises(ValueError, match="lacks \\['rejected'\\]"):
+        offline_rollout([bad], tok, {})
+
+
+@pytest.mark.slow
+def test_caravela_run_offline_dpo_learns_the_preferences(tmp_path):
+    """Offline DPO through the same loop: every step trains on the dataset's pairs (8 per
+    step), and the policy comes to prefer the right answers: the implicit reward margin
+    on fresh pairs rises above 0 and the loss below log 2."""
+    data = _preference_rows(tmp_path / "prefs.jsonl")
+    out = tmp_path / "run"
+    sets = [
+        "algorithm=dpo",
+        "dpo.mode=offline",
+        "cluster.mode=local",
+        "steps=8",
+        "rollout.prompts_per_step=8",
+        "eval.num_prompts=8",
+        "eval.k=2",
+        "trainer.lr=3e-4",
+        f"datasets=[{{ path = '{data}', env = 'arith' }}]",
+        f"output_dir='{out}'",
+    ]
+    exe = str(Path(sys.executable).parent / "caravela")
+    cmd = [exe, "run", *(x for s in sets for x in ("--set", s))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["pairs"] for m in metrics] == [8.0] * 8
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    late = metrics[-3:]
+    assert all(m["dpo/margin"] > 0 for m in late) and all(m["loss"] < 0.69 for m in late)
+    assert metrics[-1]["version"] == 8
