@@ -133,15 +133,14 @@ def test_caravela_run_dpo_makes_pairs_and_trains(tmp_path, mode):
 
 
 def _preference_rows(path: Path, n: int = 64) -> Path:
-    """Rows of the tiny arith train set with a chosen (the right answer) and a rejected (a
-    wrong one) completion: a preference dataset the arith env can still score for eval."""
+    """Rows of the tiny arith train set with a chosen (the right answer) and a rejected (not
+    an answer) completion: a preference dataset the arith env can still score for eval."""
     from common import paths
 
     rows = [json.loads(x) for x in Path(paths.TINY_TRAIN).read_text().splitlines()[:n]]
     with path.open("w") as f:
         for r in rows:
-            wrong = str(int(r["answer"]) + 1 + len(r["id"]) % 7)
-            f.write(json.dumps({**r, "chosen": r["answer"], "rejected": wrong}) + "\n")
+            f.write(json.dumps({**r, "chosen": r["answer"], "rejected": "no idea"}) + "\n")
     return path
 
 
@@ -176,8 +175,9 @@ def test_offline_rows_become_pairs(tmp_path):
 @pytest.mark.slow
 def test_caravela_run_offline_dpo_learns_the_preferences(tmp_path):
     """Offline DPO through the same loop: every step trains on the dataset's pairs (8 per
-    step), and the policy comes to prefer the right answers: the implicit reward margin
-    on fresh pairs rises above 0 and the loss below log 2."""
+    step), and the policy comes to prefer the dataset's chosen completions: the implicit
+    reward margin on fresh pairs (rows not trained on before) rises above 0 and the loss
+    falls below log 2."""
     data = _preference_rows(tmp_path / "prefs.jsonl")
     out = tmp_path / "run"
     sets = [
@@ -200,5 +200,6 @@ def test_caravela_run_offline_dpo_learns_the_preferences(tmp_path):
     assert [m["pairs"] for m in metrics] == [8.0] * 8
     assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     late = metrics[-3:]
-    assert all(m["dpo/margin"] > 0 for m in late) and all(m["loss"] < 0.69 for m in late)
+    assert all(m["dpo/margin"] > 0.1 for m in late) and all(m["loss"] < 0.65 for m in late)
+    assert all(m["dpo/accuracy"] == 1.0 for m in late)
     assert metrics[-1]["version"] == 8
