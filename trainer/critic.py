@@ -11,6 +11,7 @@ first values are 0.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,10 +21,12 @@ from trainer.packing import MicroBatch
 
 
 class Critic(nn.Module):
-    """Backbone + ``Linear(hidden, 1)``; ``forward(mb) -> values [N]`` (float32)."""
+    """Backbone + ``Linear(hidden, 1)``; ``forward(mb) -> values [N]`` (float32).
+    ``autocast``: mixed precision's compute dtype, as the policy's (``PolicyLogprobs``)."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, autocast: torch.dtype | None = None) -> None:
         super().__init__()
+        self.autocast = autocast
         self.backbone: nn.Module = lm.base_model  # type: ignore[assignment]
         config: Any = lm.config
         hidden = int(config.hidden_size)
@@ -36,15 +39,21 @@ class Critic(nn.Module):
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         dev = self.head.weight.device
         mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
-        out = self.backbone(
-            input_ids=mb.input_ids.to(dev),
-            position_ids=mb.position_ids.to(dev),
-            attention_mask=mask,
-            use_cache=False,  # packed rows: restarting positions are sequence boundaries
+        compute = (
+            nullcontext()
+            if self.autocast is None
+            else torch.autocast(dev.type, dtype=self.autocast)
         )
-        hidden = out.last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])[mb.target_index.to(dev)]
-        values: torch.Tensor = self.head(hidden).squeeze(-1).float()
+        with compute:
+            out = self.backbone(
+                input_ids=mb.input_ids.to(dev),
+                position_ids=mb.position_ids.to(dev),
+                attention_mask=mask,
+                use_cache=False,  # packed rows: restarting positions are sequence boundaries
+            )
+            hidden = out.last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])[mb.target_index.to(dev)]
+            values: torch.Tensor = self.head(hidden).squeeze(-1).float()
         return values
 
 

@@ -158,7 +158,8 @@ class Trainer:
         self.critic: Critic | None = None
         """PPO's value model (``trainer.critic``), trained by ``trainer.ppo_step``."""
         if isinstance(cfg.loss, PPOLoss):
-            self.critic = Critic(copy.deepcopy(model) if critic is None else critic).train()
+            lm = copy.deepcopy(model) if critic is None else critic
+            self.critic = Critic(lm, autocast=mixed).train()
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1

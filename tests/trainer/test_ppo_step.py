@@ -156,3 +156,18 @@ def test_two_ranks_equal_one_process(sharding, mu):
     for got, want in zip(metrics, expected, strict=True):
         for k in ("loss", "grad_norm", "critic/grad_norm", "value/loss", "tokens"):
             assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+
+
+def test_mixed_precision_ppo_step_computes_the_critic_in_bf16():
+    """bf16 passes over float32 parameters: the critic follows the policy's precision, so
+    its values after a step differ from the float32 run's by bf16 rounding (not at all
+    would mean the critic ignored the compute dtype)."""
+    batch = make_batch()
+    full = Trainer(make_model(), cfg())
+    mixed = Trainer(make_model(), cfg().model_copy(update={"dtype": "bfloat16"}))
+    assert mixed.critic is not None and mixed.critic.autocast == torch.bfloat16
+    f = [full.train_step(batch) for _ in range(2)]
+    m = [mixed.train_step(batch) for _ in range(2)]
+    assert m[1]["value/mean"] != f[1]["value/mean"]
+    assert m[1]["value/mean"] == pytest.approx(f[1]["value/mean"], rel=0.1, abs=1e-3)
+    assert m[1]["value/loss"] == pytest.approx(f[1]["value/loss"], rel=0.1)
