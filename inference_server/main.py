@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return serve(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. --prompt-format chat
         print(f"caravela-inference: {e}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from common.http import SafeJSONResponse, install
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
-from inference_server.tokens import encode_prompts
+from inference_server.tokens import (
+    PromptFormat,
+    encode_conversations,
+    encode_prompts,
+    has_chat_template,
+)
 
 StopString = Annotated[str, StringConstraints(min_length=1)]
 
@@ -136,8 +141,17 @@ class Health(BaseModel):
     policy_version: int
 
 
-def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
-    """An app serving ``engine`` (any object with ``generate`` and ``version``)."""
+def create_app(
+    engine: Any,
+    tokenizer: Any,
+    model_name: str,
+    prompt_format: PromptFormat = "plain",
+    system: str | None = None,
+) -> FastAPI:
+    """An app serving ``engine`` (any object with ``generate`` and ``version``).
+    ``/v1/completions`` encodes its prompts in ``prompt_format`` with ``system``, as a run
+    with ``[prompt] format``/``system`` does (``inference_server.tokens``); the chat route
+    applies the tokenizer's chat template to the request's messages."""
     app = FastAPI(title="Caravela inference server", default_response_class=SafeJSONResponse)
     install(app, openai_errors=True)  # body guard; error bodies as OpenAI's clients read them
     started = int(time.time())
@@ -188,7 +202,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         check_model(body.model)
         requests_total.labels("completions").inc()
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompts = encode_prompts(tokenizer, texts)
+        prompts = encode_prompts(tokenizer, texts, prompt_format, system)
         results = run(prompts, body.params())
         choices = [
             CompletionChoice(index=i * body.n + j, text=c.text, finish_reason=c.finish_reason)
@@ -209,13 +223,13 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         check_model(body.model)
         requests_total.labels("chat").inc()
         messages = [m.model_dump() for m in body.messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+        if has_chat_template(tokenizer):  # the template's own special tokens, BOS included
+            try:
+                prompts = encode_conversations(tokenizer, [messages])
+            except ValueError as e:  # the template refused the messages (e.g. a system role)
+                raise HTTPException(400, detail=str(e)) from e
         else:  # models without a chat template (the tiny default): the contents, in order
-            text = "".join(m["content"] for m in messages)
-        prompts = encode_prompts(tokenizer, [text])
+            prompts = encode_prompts(tokenizer, ["".join(m["content"] for m in messages)])
         (result,) = run(prompts, body.params())
         choices = [
             ChatChoice(

@@ -29,6 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["transformers", "vllm"], default="vllm")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--name", help="model name clients send (default: the directory name)")
+    p.add_argument(
+        "--prompt-format",
+        choices=["plain", "chat"],
+        default="plain",
+        help="how /v1/completions encodes a prompt, as a run's [prompt] format: plain (BOS + "
+        "text) or chat (the tokenizer's chat template, a user message)",
+    )
+    p.add_argument(
+        "--system",
+        default=None,
+        help="as a run's [prompt] system: /v1/completions' system message (chat) or text put "
+        "before each prompt (plain)",
+    )
 
 
 def build_engine(model_dir: Path, backend: str, dtype: str) -> tuple[Any, Any]:
@@ -51,10 +64,20 @@ def serve(args: argparse.Namespace) -> int:
 
     from inference_server.openai_api import create_app
 
+    if args.prompt_format == "chat" and (args.model_dir / "config.json").exists():
+        # refused before an engine loads
+        from transformers import AutoTokenizer
+
+        from inference_server.tokens import check_prompt_format
+
+        check_prompt_format(
+            AutoTokenizer.from_pretrained(args.model_dir), args.prompt_format, args.model_dir
+        )
     engine, tok = build_engine(args.model_dir, args.backend, args.dtype)
     name = args.name or args.model_dir.name
     print(
         f"serving {args.model_dir} as {name!r} ({args.backend}) on http://{args.host}:{args.port}/v1"
     )
-    uvicorn.run(create_app(engine, tok, name), host=args.host, port=args.port, log_level="warning")
+    app = create_app(engine, tok, name, args.prompt_format, args.system)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -111,3 +111,68 @@ def test_a_template_that_refuses_a_system_message_says_what_to_change(plain_tok)
     assert encode_prompts(tok, ["1+1"], "chat") == [[tok.bos_token_id, *ids(tok, "1+1")]]
     with pytest.raises(ValueError, match="System role not supported.*unset prompt.system"):
         encode_prompts(tok, ["1+1"], "chat", system="be brief")
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """``caravela serve``'s app on the chat-template copy of the tiny model, for real: uvicorn
+    on 127.0.0.1, ``--prompt-format chat --system 1+1`` (completions formatted as in training)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from inference_server.openai_api import create_app
+    from inference_server.serve import build_engine
+
+    model = chat_model(tmp_path_factory.mktemp("served") / "chat")
+    engine, tok = build_engine(model, "transformers", "float32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine, tok, "chat", prompt_format="chat", system="1+1")
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", tok
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_serve_encodes_chat_and_completions_like_training(chat_server):
+    """The chat route applies the template once (one BOS: the template's), and with
+    ``--prompt-format chat`` a completion prompt gets the ids a chat-format run trains on;
+    a stop string cuts the text."""
+    import httpx
+
+    url, tok = chat_server
+    conv = [{"role": "system", "content": "1+1"}, {"role": "user", "content": "50+98-54"}]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": conv, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    (ids,) = encode_conversations(tok, [conv])
+    assert ids.count(tok.bos_token_id) == 1
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+    body = {"prompt": "50+98-54", "max_tokens": 40, "temperature": 0.0}
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    (trained,) = encode_prompts(tok, ["50+98-54"], "chat", "1+1")
+    assert trained == ids and r.json()["usage"]["prompt_tokens"] == len(trained)
+    text = r.json()["choices"][0]["text"]
+    cut = httpx.post(f"{url}/v1/completions", json={**body, "stop": ["="]}).json()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["text"] == text.split("=")[0] and "=" in text
+
+
+def test_serve_refuses_a_chat_prompt_format_without_a_template(capsys):
+    from orchestrator.cli import main
+
+    assert (
+        main(["serve", str(TINY_MODEL), "--backend", "transformers", "--prompt-format", "chat"])
+        == 2
+    )
+    assert "chat template" in capsys.readouterr().err
