@@ -119,6 +119,7 @@ def render(data: dict[str, Any]) -> None:
         "in-run evaluations, which every algorithm makes alike); start-up and the before/after "
         "evaluations are left out. One run per algorithm: no repeats, so differences of a few "
         "points are within run-to-run noise.",
+        *([""] + [data["note"]] if data.get("note") else []),
     ]
     (RESULTS / "algorithms.md").write_text("\n".join(text) + "\n")
     import matplotlib
@@ -157,10 +158,15 @@ def main() -> None:
         help="another override for every run (repeatable)",
     )
     ap.add_argument("--render", action="store_true", help="only rewrite .md/.png from .json")
+    ap.add_argument("--note", default="", help="a line on the conditions, kept in the .json")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.render:
-        render(json.loads((RESULTS / "algorithms.json").read_text()))
+        data = json.loads((RESULTS / "algorithms.json").read_text())
+        if args.note:
+            data["note"] = args.note
+            (RESULTS / "algorithms.json").write_text(json.dumps(data, indent=2))
+        render(data)
         return
     runs = []
     for name in args.algorithms:
@@ -178,6 +184,7 @@ def main() -> None:
         "seed": args.seed,
         "runs": runs,
         "argv": " ".join(sys.argv[1:]),
+        "note": args.note,
         "machine": f"{os.cpu_count()} CPU cores (shared, loaded)",
     }
     (RESULTS / "algorithms.json").write_text(json.dumps(data, indent=2))
