@@ -13,7 +13,7 @@ LOOPBACK := $(if $(filter 0,$(shell id -u)),unshare -n,unshare -rn) sh -c 'ip li
 # their own store, `make run` the default one (~/.cache/caravela/envs).
 TEST_ENV_STORE := $(CURDIR)/.cache/env-store
 
-.PHONY: install run test lint envs
+.PHONY: install run test test-long lint envs
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
@@ -36,6 +36,10 @@ envs: $(STAMP)
 
 test: $(STAMP) envs
 	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the `long` tests only (deselected by default: pyproject's addopts)
+test-long: $(STAMP) envs
+	CARAVELA_ENV_STORE=$(TEST_ENV_STORE) $(LOOPBACK) $(BIN)/python -m pytest -m long $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

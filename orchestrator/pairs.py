@@ -22,7 +22,7 @@ from trainer.protocol import TrainSample
 if TYPE_CHECKING:
     from orchestrator.config import PromptConfig
     from orchestrator.data import Prompt
-    from orchestrator.rollout import Rollout
+    from orchestrator.groups import Rollout
 
 
 def make_pairs(r: Rollout, margin: float) -> tuple[list[TrainSample], dict[str, float]]:
@@ -85,7 +85,7 @@ def offline_rollout(
     the version the engines serve (``version()``): they come from no policy, so they are
     never stale."""
     from inference_server.protocol import Completion, GenerateRequest, GenerateResult
-    from orchestrator.rollout import Rollout, tokenize
+    from orchestrator.groups import Rollout, tokenize
     from reward_envs.protocol import RewardResult
 
     requests, results, scores = [], [], []

@@ -12,15 +12,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from inference_server.protocol import GenerateRequest, GenerateResult, SamplingParams
-from inference_server.tokens import encode_prompts
 from orchestrator.config import PromptConfig, RunConfig
 from orchestrator.data import Prompt
+from orchestrator.groups import Rollout, tokenize
 from orchestrator.pairs import make_pairs
 from orchestrator.scoring import Scorer, Streaming
 from reward_envs.protocol import RewardResult
@@ -38,17 +37,6 @@ class Generator(Protocol):
     ) -> list[GenerateResult]: ...
 
 
-@dataclass
-class Rollout:
-    """One step's prompts, what the engines made of them and what the envs said."""
-
-    prompts: list[Prompt]
-    requests: list[GenerateRequest]
-    results: list[GenerateResult]
-    scores: list[list[RewardResult]]
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
 def sampling_params(cfg: RunConfig) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(
@@ -58,20 +46,6 @@ def sampling_params(cfg: RunConfig) -> SamplingParams:
         max_tokens=r.max_new_tokens,
         stop=r.stop,
     )
-
-
-def tokenize(
-    tok: Any, p: Prompt, cache: dict[str, list[int]], prompt: PromptConfig | None = None
-) -> list[int]:
-    """The prompt's token ids in ``prompt``'s format (default: plain, ``<s>`` + text):
-    prepared ahead (``caravela data prepare``, or the prefetcher), else tokenized once per
-    prompt per run."""
-    if p.prompt_ids is not None:
-        return list(p.prompt_ids)
-    if p.id not in cache:
-        fmt = prompt or PromptConfig()
-        (cache[p.id],) = encode_prompts(tok, [p.text], fmt.format, fmt.system)
-    return cache[p.id]
 
 
 def rollout(

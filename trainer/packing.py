@@ -19,6 +19,7 @@ percent of each row at most.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -189,3 +190,31 @@ def padding_fraction(batches: Sequence[MicroBatch]) -> float:
     """Share of computed token slots that hold padding."""
     cap = sum(b.capacity for b in batches)
     return 1.0 - sum(b.real_tokens for b in batches) / cap if cap else 0.0
+
+
+def shard(lengths: list[int], rank: int, world: int) -> list[int]:
+    """Indices of the samples ``rank`` trains on: longest first to the least-loaded rank."""
+    load = [0] * world
+    mine = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += lengths[i]
+        if r == rank:
+            mine.append(i)
+    return sorted(mine)
+
+
+def minibatches(lengths: list[int], parts: int) -> list[list[int]]:
+    """Sample indices split, in order, into ``min(parts, len(lengths))`` non-empty runs of
+    near-equal token counts (``lengths``): the mini-batches of one batch's updates."""
+    n = len(lengths)
+    parts = max(1, min(parts, n))
+    cumulative = list(itertools.accumulate(lengths))  # tokens in samples [0, i]
+    bounds = [0]
+    for k in range(1, parts):
+        target = cumulative[-1] * k / parts
+        # the run ends before sample b: leave at least one sample to each later run
+        candidates = range(bounds[-1] + 1, n - (parts - k) + 1)
+        bounds.append(min(candidates, key=lambda b: (abs(cumulative[b - 1] - target), b)))
+    bounds.append(n)
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]

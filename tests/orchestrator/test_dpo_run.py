@@ -100,7 +100,7 @@ def test_algorithm_and_loss_go_together():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["local", "ray"])
+@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.long)])
 def test_caravela_run_dpo_makes_pairs_and_trains(tmp_path, mode):
     """A short online-DPO run of the embedded default: every step makes pairs and trains on
     them (one new version each), the implicit reward margin grows from 0 (the policy starts

@@ -50,7 +50,7 @@ def test_ppo_samples_carry_their_scores():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["local", "ray"])
+@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.long)])
 def test_caravela_run_ppo_trains_the_critic_and_resumes_it(tmp_path, mode):
     """4 steps, then resumed to 6: the critic's values leave 0 (its head starts there) and
     its loss is reported every step; the resumed steps load the critic from the
