@@ -31,7 +31,7 @@ import torch.distributed as dist
 from trainer import ppo
 from trainer.config import PPOLoss
 from trainer.logprobs import micro_batch_logprobs
-from trainer.packing import minibatches, padding_fraction, shard
+from trainer.packing import minibatches, shard
 from trainer.protocol import TrainBatch
 
 
@@ -138,27 +138,9 @@ def ppo_step(tr: Any, batch: TrainBatch) -> dict[str, float]:
         grad_norm += tr._step_optimizer()
         critic_norm += _step_critic(tr)
     tr.version += 1
-    tokens = float(sum(mb.real_tokens for mb in every))
-    if tr.world > 1:
-        total_loss, sums = tr._reduce_metrics(total_loss, sums)
-        counted = torch.tensor([tokens])
-        dist.all_reduce(counted, op=dist.ReduceOp.SUM)
-        tokens = counted.item()
-    seconds = time.perf_counter() - t0
+    summary, sums = tr.summary(t0, len(parts), every, total_loss, grad_norm, lr, sums)
     out = {key: v / sum(lengths) for key, v in sums.items()}
-    out.update(
-        loss=total_loss / len(parts),
-        grad_norm=grad_norm / len(parts),
-        **{"critic/grad_norm": critic_norm / len(parts)},
-        lr=lr / len(parts),
-        updates=float(len(parts)),
-        micro_batches=float(len(every)),
-        padding_frac=padding_fraction(every) if every else 0.0,
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_s=tokens / seconds,
-    )
-    return out
+    return out | summary | {"critic/grad_norm": critic_norm / len(parts)}
 
 
 def _add(sums: dict[str, float], key: str, value: float, n: int) -> None:

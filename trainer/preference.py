@@ -27,12 +27,11 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from trainer.config import DPOLoss
 from trainer.dpo import DPOInputs, DPOParams, dpo_loss
 from trainer.logprobs import micro_batch_logprobs
-from trainer.packing import MicroBatch, minibatches, padding_fraction, shard
+from trainer.packing import MicroBatch, minibatches, shard
 from trainer.protocol import TrainBatch
 
 
@@ -58,7 +57,7 @@ def dpo_step(tr: Any, batch: TrainBatch) -> dict[str, float]:
     ]
     parts = minibatches(size, tr.cfg.updates_per_batch)
     sums: dict[str, float] = {}
-    total_loss, grad_norm, lr, tokens = 0.0, 0.0, 0.0, 0.0
+    total_loss, grad_norm, lr = 0.0, 0.0, 0.0
     every: list[MicroBatch] = []
     for part in parts:
         mine = [pairs[part[i]] for i in shard([size[i] for i in part], tr.rank, tr.world)]
@@ -67,27 +66,9 @@ def dpo_step(tr: Any, batch: TrainBatch) -> dict[str, float]:
         total_loss, grad_norm = total_loss + loss, grad_norm + norm
         every.extend(micro)
     tr.version += 1
-    tokens = float(sum(mb.real_tokens for mb in every))
-    if tr.world > 1:
-        total_loss, sums = tr._reduce_metrics(total_loss, sums)
-        counted = torch.tensor([tokens])
-        dist.all_reduce(counted, op=dist.ReduceOp.SUM)
-        tokens = counted.item()
-    seconds = time.perf_counter() - t0
+    summary, sums = tr.summary(t0, len(parts), every, total_loss, grad_norm, lr, sums)
     out = {k: v / len(pairs) for k, v in sums.items()}
-    out.update(
-        loss=total_loss / len(parts),
-        grad_norm=grad_norm / len(parts),
-        lr=lr / len(parts),
-        updates=float(len(parts)),
-        pairs=float(len(pairs)),
-        micro_batches=float(len(every)),
-        padding_frac=padding_fraction(every) if every else 0.0,
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_s=tokens / seconds,
-    )
-    return out
+    return out | summary | {"pairs": float(len(pairs))}
 
 
 def _update(

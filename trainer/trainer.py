@@ -224,6 +224,24 @@ class Trainer:
             grad_norm += norm
         self.version += 1
         every = [mb for micro in updates for mb in micro]
+        summary, sums = self.summary(t0, len(parts), every, total_loss, grad_norm, lr, sums)
+        num_tokens = sum(lengths)
+        out = {k: (v if k.endswith("max") else v / num_tokens) for k, v in sums.items()}
+        return out | summary
+
+    def summary(
+        self,
+        t0: float,
+        updates: int,
+        every: list[MicroBatch],
+        total_loss: float,
+        grad_norm: float,
+        lr: float,
+        sums: dict[str, float],
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """What every algorithm's step reports (loss, gradient norm and learning rate
+        averaged over its ``updates``; micro-batches, padding, tokens and speed, tokens summed
+        over ranks), and ``sums`` summed over ranks for the caller to normalise."""
         tokens = float(sum(mb.real_tokens for mb in every))
         if self.world > 1:
             total_loss, sums = self._reduce_metrics(total_loss, sums)
@@ -231,20 +249,18 @@ class Trainer:
             dist.all_reduce(counted, op=dist.ReduceOp.SUM)
             tokens = counted.item()
         seconds = time.perf_counter() - t0
-        num_tokens = sum(lengths)
-        out = {k: (v if k.endswith("max") else v / num_tokens) for k, v in sums.items()}
-        out.update(
-            loss=total_loss / len(parts),
-            grad_norm=grad_norm / len(parts),
-            lr=lr / len(parts),
-            updates=float(len(parts)),
-            micro_batches=float(len(every)),
-            padding_frac=padding_fraction(every) if every else 0.0,
-            tokens=tokens,
-            seconds=seconds,
-        )
-        out["tokens_per_s"] = out["tokens"] / seconds
-        return out
+        out = {
+            "loss": total_loss / updates,
+            "grad_norm": grad_norm / updates,
+            "lr": lr / updates,
+            "updates": float(updates),
+            "micro_batches": float(len(every)),
+            "padding_frac": padding_fraction(every) if every else 0.0,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+        }
+        return out, sums
 
     def _update(
         self,

@@ -125,10 +125,12 @@ def record(monkeypatch):
     rec = Recorder()
     generate, score, train_step = EngineRouter.generate, RayScorer.score, TrainerGroup.train_step
 
-    def watched_generate(router, requests):
+    def watched_generate(router, requests, on_result=None):
+        if all(r.request_id.startswith("eval/") for r in requests):  # held-out evaluation
+            return generate(router, requests, on_result)
         rec.router = router
         rec.step += 1  # one generate call per step (synchronous run, no refill rounds)
-        results = rec.during("generate", router, lambda: generate(router, requests))
+        results = rec.during("generate", router, lambda: generate(router, requests, on_result))
         rec.generated[rec.step] = results
         return results
 

@@ -3,34 +3,17 @@ chosen completion over the rejected one, and two gloo ranks (real torch.distribu
 processes, replicated or FSDP2) make the single-process update."""
 
 import copy
-import os
 import random
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.trainer.test_data_parallel import leave, make_model
 from trainer.config import TrainerConfig
 from trainer.dpo import DPOInputs, DPOParams, dpo_loss
 from trainer.protocol import TrainBatch, TrainSample
 from trainer.trainer import Trainer
-
-
-def make_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).float()
 
 
 def make_pairs(n: int = 5, seed: int = 0) -> TrainBatch:
@@ -144,10 +127,7 @@ def _rank(rank, world, port, sharding, mu, queue):
     state = {k: v.detach().numpy().copy() for k, v in trainer.state_dict().items()}
     if rank == 0:
         queue.put((state, metrics))
-    dist.destroy_process_group()
-    queue.close()
-    queue.join_thread()
-    os._exit(0)  # as tests/trainer/test_data_parallel.py's leave(): gloo threads at exit
+    leave(queue)
 
 
 @pytest.mark.parametrize("sharding,mu", [("replicate", 1), ("fsdp2", 2)])
