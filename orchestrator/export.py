@@ -175,7 +175,8 @@ def export_run(run_dir: Path, base: Path, on_ray: bool, log: Callable[[str], Any
 
     from trainer.group import TRAINER_RESOURCE
 
-    task = ray.remote(num_cpus=1, resources={TRAINER_RESOURCE: 0.001})(export_checkpoint)
+    # no CPU asked: the ranks and pools may hold every CPU of the trainer nodes
+    task = ray.remote(num_cpus=0, resources={TRAINER_RESOURCE: 0.001})(export_checkpoint)
     ray.get(task.remote(ckpt, out))
     log(f"exported {ckpt} to {out} (on a trainer node)")
     return out

@@ -388,7 +388,7 @@ class RayScorer(_Health):
     def close(self) -> None:
         """Stop every live replica's workers (a replica that died since its last call is
         skipped: its workers see their pipes close and exit; one that does not answer within
-        ``HANG_MARGIN_S`` is killed)."""
+        ``HANG_MARGIN_S`` is killed), then end the replicas' actors, freeing their CPUs."""
         self._close([h for hs in self.replicas.values() for h in hs])
 
     @staticmethod
@@ -407,3 +407,5 @@ class RayScorer(_Health):
                 pass
         for ref in late:
             ray.kill(refs[ref], no_restart=True)
+        for h in handles:  # the actors too: they hold their CPUs until they end
+            ray.kill(h, no_restart=True)
