@@ -63,19 +63,14 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_policy(cfg: RunConfig) -> tuple[Any, Any]:
     """The model in ``cfg.model`` (an HF model directory) in ``trainer.dtype``, and its
-    tokenizer: the driver's copy (held-out evaluation, the run's export) and an export's."""
+    tokenizer: ``caravela eval``'s copy and an export's (a run's driver loads only the
+    tokenizer: ``load_tokenizer``)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (cfg.model / "config.json").exists():
-        raise FileNotFoundError(
-            f"model dir {cfg.model} has no config.json; point `model` at a "
-            "HF-format directory (hub ids are not supported offline)"
-        )
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    tok = load_tokenizer(cfg.model)  # refuses a directory without config.json
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise here
-    tok = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.trainer.dtype))
     return model, tok
 
