@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -82,6 +83,17 @@ def test_thirty_envs_each_in_its_own_venv_in_one_run(tmp_path):
     m = make_envs()
     names = [e.name for e in m.ENVS]
     store = default_store()
+    # asked of a fresh interpreter: once setuptools is imported (as it is by now in this
+    # process) its vendored packages, inflect among them, are on sys.path
+    probe = (
+        "import importlib.util as u, sys; print(*(m for m in sys.argv[1:] if not u.find_spec(m)))"
+    )
+    missing = subprocess.run(
+        [sys.executable, "-c", probe, *(e.module for e in m.ENVS)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     built = {}
     for e in m.ENVS:
         entry = find_built(EXAMPLE / "envs" / e.name, store)
@@ -91,7 +103,7 @@ def test_thirty_envs_each_in_its_own_venv_in_one_run(tmp_path):
         )
         built[e.name] = entry
         # the verifier's package is in the env's venv, and nowhere Caravela could import it
-        assert importlib.util.find_spec(e.module) is None, f"{e.module} is in Caravela's venv"
+        assert e.module in missing, f"{e.module} can be imported in Caravela's venv"
         site = next(Path(entry.python).parent.parent.glob("lib/python3*/site-packages"))
         dist = e.package.split("==")[0].lower().replace("-", "_")
         assert [p for p in site.iterdir() if p.name.lower().startswith(dist + "-")], (e, site)
