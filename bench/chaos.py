@@ -8,8 +8,8 @@ into it), finds its victim among the driver's descendant processes by process ti
 
 - ``engine``: an engine actor (``ray::DirTransformersEngine`` / ``ray::VLLMEngine``), SIGKILL;
 - ``hang``: an engine actor, SIGSTOP (never continued: the run must notice and replace it);
-- ``pool``: an env pool actor (``ray::EnvPool``), SIGKILL;
-- ``worker``: an env worker process (a child of a pool actor), SIGKILL;
+- ``pool``: an env pool host (``ray::PoolHost``: every env pool of its node), SIGKILL;
+- ``worker``: an env worker process (a child of a pool host), SIGKILL;
 - ``trainer``: a trainer rank (``ray::TrainerRank``), SIGKILL.
 
 ``python bench/chaos.py`` runs the default 200-step run twice, side by side in time: once
@@ -41,7 +41,7 @@ KINDS = ("engine", "hang", "pool", "worker", "trainer")
 TITLES = {
     "engine": ("ray::DirTransformersEngine", "ray::VLLMEngine"),
     "hang": ("ray::DirTransformersEngine", "ray::VLLMEngine"),
-    "pool": ("ray::EnvPool",),
+    "pool": ("ray::PoolHost",),
     "trainer": ("ray::TrainerRank",),
 }
 
@@ -86,7 +86,7 @@ def victims(kind: str, root: int | None = None) -> list[int]:
             parent = p.parent()
             if "caravela_env_worker" in " ".join(cmd) and parent is not None:
                 pcmd = parent.cmdline()
-                if pcmd and pcmd[0].startswith("ray::EnvPool"):
+                if pcmd and pcmd[0].startswith("ray::PoolHost"):
                     out.append(p.pid)
         elif any(cmd[0].startswith(t) for t in TITLES[kind]):
             out.append(p.pid)

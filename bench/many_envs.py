@@ -10,12 +10,12 @@ Writes ``bench/results/many_envs.json`` and ``.md``. Local Ray clusters of 64 lo
 (``cluster.num_cpus`` of the config), both node roles:
 
 1. Pools ready from a warm store: ``RayScorer`` over the 30 envs of
-   ``examples/configs/many_envs.toml`` (1 worker each) from the call until every pool actor's
-   workers said hello (the constructor starts them all, then waits), against adding the 30
-   one after the other (``RayScorer.add``, as the constructor did before), interleaved; the
-   same for 1 env; plus ``LocalScorer`` over the 30 (the same pools in this process, no
-   Ray), which separates Ray's part (actor processes) from the envs' own (interpreter start,
-   package import). Median of ``--repeats``.
+   ``examples/configs/many_envs.toml`` (1 worker each) from the call until every pool's
+   workers said hello (the constructor starts the node's pool host and all 30 pools in it,
+   then waits), against adding the 30 one after the other (``RayScorer.add``), interleaved;
+   the same for 1 env; plus ``LocalScorer`` over the 30 (the same pools in this process, no
+   Ray), which separates Ray's part (the host process) from the envs' own (interpreter
+   start, package import). Median of ``--repeats``.
 2. Step time: ``caravela run`` of the same config cut to one env (``eq-all``, its dataset
    only) for ``--steps`` steps, then of the whole config: same model, prompts per step, group
    size and steps, one after the other, each on a local cluster of its own. ``step_seconds``
@@ -52,15 +52,14 @@ def timed(make, close, repeats: int) -> list[float]:
 
 
 def stop(scorer) -> None:
-    """Stop the pool actors too (``close`` only stops their workers; a run's end stops Ray)."""
-    for env in list(scorer.replicas):
-        scorer.remove(env)
+    """Stop the pools and their host."""
+    scorer.close()
 
 
 def pools_ready(cfg, log_dir: Path, repeats: int) -> dict[str, list[float]]:
     from reward_envs.scorer import LocalScorer, RayScorer
 
-    def one_by_one() -> RayScorer:  # as before the constructor started them together
+    def one_by_one() -> RayScorer:  # each env's pools started and waited for in turn
         scorer = RayScorer([], log_dir)
         for spec in cfg.envs:
             scorer.add(spec)
@@ -202,9 +201,9 @@ def markdown(res: dict) -> str:
         "",
         "| pools | seconds |",
         "|---|---:|",
-        f"| 30 envs, Ray actors (RayScorer, started together) | {p['ray_30']:.2f} |",
-        f"| 30 envs, Ray actors, one env after the other | {p['ray_30_one_by_one']:.2f} |",
-        f"| 1 env, Ray actor (RayScorer) | {p['ray_1']:.2f} |",
+        f"| 30 envs, one Ray pool host (RayScorer, started together) | {p['ray_30']:.2f} |",
+        f"| 30 envs, one Ray pool host, one env after the other | {p['ray_30_one_by_one']:.2f} |",
+        f"| 1 env, one Ray pool host (RayScorer) | {p['ray_1']:.2f} |",
         f"| 30 envs, in this process (LocalScorer) | {p['local_30']:.2f} |",
         "",
         "Step time (median over the steps after the first):",

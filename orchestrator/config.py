@@ -172,7 +172,7 @@ class ClusterConfig(StrictModel):
     """Where the run's components live."""
 
     mode: Literal["ray", "local"] = "ray"
-    """ray: engines, trainer ranks and env pools are Ray actors placed by node role (a
+    """ray: engines, trainer ranks and env pool hosts are Ray actors placed by node role (a
     private local cluster unless ``address`` is set). local: the same loop in one process,
     no Ray (one trainer rank, one engine, one pool per env)."""
     address: str | None = None

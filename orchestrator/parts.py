@@ -8,7 +8,7 @@ changes which implementation it gets, never the loop:
 part           ``cluster.mode = "ray"`` (default)      ``cluster.mode = "local"``
 =============  ======================================  =================================
 engines        ``EngineRouter`` over engine actors     ``LocalRouter`` over one engine
-scorer         ``RayScorer``: pool actors per env      ``LocalScorer``: a pool per env
+scorer         ``RayScorer``: pool hosts per node      ``LocalScorer``: a pool per env
 trainers       ``TrainerGroup``: ranks as actors       ``LocalTrainerGroup``: one rank
 =============  ======================================  =================================
 

@@ -11,12 +11,13 @@ from reward_envs.config import EnvSpec
 from reward_envs.protocol import RewardResult
 
 RESTART_WINDOW_S = 600.0
-"""Pool actor restarts this recent count toward quarantine and the restart backoff."""
+"""Pool restarts this recent count toward quarantine and the restart backoff."""
 
 
 class Breaker:
     """One env's circuit breaker: its last ``breaker_window`` item results (an item's final
-    result, after the pool's own retries) and its pool actor restarts of the last ten minutes.
+    result, after the pool's own retries) and its pool restarts (replicas started in place of
+    lost ones) of the last ten minutes.
 
     It trips when at least ``breaker_min_items`` results are known and more than
     ``breaker_error_rate`` of them are errors, or when ``max_restarts`` (at least one)
@@ -29,7 +30,7 @@ class Breaker:
         self.outcomes: deque[str | None] = deque(maxlen=spec.breaker_window)
         """The error kind of each recent result, None for a score."""
         self.restarts: deque[float] = deque()
-        """``time.monotonic()`` of each pool actor restart in the last ten minutes."""
+        """``time.monotonic()`` of each pool restart in the last ten minutes."""
         self.reason: str | None = None
         """Why the env is quarantined (a sentence with the numbers); None while it is not."""
 
@@ -44,7 +45,7 @@ class Breaker:
         self._check()
 
     def recent_restarts(self) -> int:
-        """Pool actor restarts in the last ``RESTART_WINDOW_S``."""
+        """Pool restarts in the last ``RESTART_WINDOW_S``."""
         while self.restarts and time.monotonic() - self.restarts[0] > RESTART_WINDOW_S:
             self.restarts.popleft()
         return len(self.restarts)
@@ -60,7 +61,7 @@ class Breaker:
             self.reason = f"env {name} quarantined: {bad} of its last {n} items errored ({by_kind})"
         elif spec.max_restarts and (recent := self.recent_restarts()) >= spec.max_restarts:
             self.reason = (
-                f"env {name} quarantined: its pool actors were restarted {recent} times in the "
+                f"env {name} quarantined: its pools were restarted {recent} times in the "
                 f"last {RESTART_WINDOW_S / 60:.0f} minutes (EnvSpec.max_restarts = "
                 f"{spec.max_restarts}); see its worker logs"
             )

@@ -90,19 +90,22 @@ class EnvSpec(StrictModel):
     """Hard per-item timeout; past it the worker is killed and the item is an error.
     None = the manifest's ``timeout_s``."""
     replicas: int = Field(1, ge=1)
-    """Pool actors for this env on the trainer nodes (distributed runs)."""
+    """Pools of this env on the trainer nodes (distributed runs): each in the pool host of
+    a trainer node (one host process per node holds every env's pools), spread over the
+    nodes in turn."""
     max_restarts: int = Field(5, ge=0)
-    """Pool actors the run may start in place of dead or hung ones, for this env within 10
-    minutes (distributed runs; a dead replica's items go to the fresh one or the others).
+    """Pools the run may start in place of dead or hung ones, for this env within 10
+    minutes (distributed runs; a dead replica's items go to the fresh one or the others; a
+    pool host that dies takes every replica on it, of every env, and each counts).
     Reached, the env is quarantined (a crash loop), and with no replica left scoring it
     fails; failures further apart are restarted however many there are in a run."""
     restart_backoff_s: float = Field(0.5, ge=0.0)
-    """Wait before starting a pool actor in place of a dead one; doubles with each restart of
+    """Wait before starting a pool in place of a dead one; doubles with each restart of
     the env in the last 10 minutes, at most 10 s."""
     hang_timeout_s: float | None = Field(None, gt=0.0)
-    """Margin of the deadline a pool actor has to answer a share of items: ``hang_timeout_s
+    """Margin of the deadline a pool replica has to answer a share of items: ``hang_timeout_s
     + 2 x timeout_s x ceil(items / workers)``, plus 150 s for a replica just started. Past
-    it the actor is deemed hung, killed and replaced. None = 30 s."""
+    it its pool host is deemed hung and killed, and the replicas on it replaced. None = 30 s."""
     breaker_window: int = Field(64, ge=1)
     """Circuit breaker: how many of the env's latest item results it looks at."""
     breaker_error_rate: float = Field(0.5, gt=0.0, le=1.0)

@@ -1,17 +1,21 @@
-"""Route items to the pool of the env they belong to: in this process, or on Ray actors.
+"""Route items to the pool of the env they belong to: in this process, or on Ray pool hosts.
 
 Both scorers answer ``score(env, items) -> list[RewardResult]``, one result per
 item in order. ``LocalScorer`` runs one ``EnvPool`` per env in the caller's
-process (single-node runs, the CLI). ``RayScorer`` runs each env's pool as
-``replicas`` Ray actors on the trainer nodes' CPUs (``trainer_node`` resource);
-items are split across an env's replicas. A replica that dies, or hangs past its
-deadline (``RayScorer.deadline_s``) and is killed, is replaced by a fresh actor (at
-most ``EnvSpec.max_restarts`` times per env, after a backoff) and its share is
-re-sent, so every item gets exactly one result. Only an env with no replica left
-and no restart left fails ``score``.
+process (single-node runs, the CLI). ``RayScorer`` runs ``replicas`` pools per env
+on the trainer nodes (``trainer_node`` resource): one ``PoolHost`` actor per trainer
+node holds the pools of every env placed there (``hosts.py``), an env's replicas
+spread over the nodes in turn; items are split across an env's replicas. A replica
+whose host dies, or hangs past its deadline (``RayScorer.deadline_s``) and is
+killed, or whose pool does not start, is replaced by a fresh pool (at most
+``EnvSpec.max_restarts`` times per env, after a backoff), on a fresh host where
+its host is gone, and its share is re-sent, so every item gets exactly one result.
+A host's death takes every replica on it, of every env: each env replaces its own
+on its next ``score`` (in-flight shares are re-sent at once). Only an env with no
+replica left and no restart left fails ``score``.
 
 Both scorers keep a circuit breaker per env (``Breaker``): too many errors among
-its latest results, or too many pool actor restarts in ten minutes, quarantine the
+its latest results, or too many pool restarts in ten minutes, quarantine the
 env (``quarantined()``); its items are still scored when asked, the caller stops
 drawing its prompts. ``metrics()`` is what a run can log per step: the pools'
 counters (restarts, errors by kind), replicas alive, lost and restarted, items
@@ -24,26 +28,25 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reward_envs.breaker import RESTART_WINDOW_S, Breaker
 from reward_envs.builder import BuiltEnv, prepare
 from reward_envs.config import EnvSpec
+from reward_envs.hosts import TRAINER_RESOURCE, Hosts, Replica
 from reward_envs.manifest import Manifest, load_manifest
-from reward_envs.pool import EnvPool
+from reward_envs.pool import EnvPool, EnvStartError
 from reward_envs.protocol import Item, RewardResult
 
-TRAINER_RESOURCE = "trainer_node"
-
 MAX_BACKOFF_S = 10.0
-"""Longest wait before a pool actor restart."""
+"""Longest wait before a pool restart."""
 HANG_MARGIN_S = 30.0
 """Deadline margin when ``EnvSpec.hang_timeout_s`` is None."""
 STARTUP_S = 150.0
 """Extra deadline of a replica that has not answered yet: its workers get 120 s to say
-hello (``EnvPool``), and Ray some time to place the actor."""
+hello (``EnvPool``), and Ray some time to place a fresh host."""
 
 
 def pool_metrics(env: str, counters: Iterable[dict[str, int]]) -> dict[str, float]:
@@ -149,17 +152,12 @@ class LocalScorer(_Health):
 
 
 @dataclass
-class _Replicas:
-    """What ``RayScorer`` needs to start one more pool actor of an env, and the ones it runs."""
+class _Env:
+    """What ``RayScorer`` needs to start one more pool of an env."""
 
     spec: EnvSpec
     manifest: Manifest
     built: BuiltEnv
-    actor: Any
-    """``EnvPool`` as a Ray actor class (resources set)."""
-    fresh: set[Any] = field(default_factory=set)
-    """Replicas started in place of dead ones that have not answered yet (their deadline
-    includes ``STARTUP_S``)."""
     last_failure: str = ""
     """How the last replica that was lost failed (for the error when none is left)."""
 
@@ -173,7 +171,8 @@ class _Replicas:
 
 
 class RayScorer(_Health):
-    """``replicas`` pool actors per env on trainer-node CPUs, restarted when they die or hang."""
+    """``replicas`` pools per env on the trainer nodes' pool hosts, replaced when they die or
+    hang."""
 
     def __init__(self, specs: Sequence[EnvSpec], log_dir: Path | None = None) -> None:
         import ray
@@ -185,19 +184,22 @@ class RayScorer(_Health):
                 f"'{{\"{TRAINER_RESOURCE}\": 1}}'` (the SLURM launcher does)"
             )
         super().__init__()
-        self.replicas: dict[str, list[Any]] = {}
+        self.hosts = Hosts()
+        self.replicas: dict[str, list[Replica]] = {}
+        """Env -> its replicas in service (one on a host found dead stays listed, not alive,
+        until the env's next ``score`` replaces it)."""
         self.log_dir = log_dir
         self.lost: Counter[str] = Counter()
         """Replicas of each env that died or hung (their items went to the others)."""
         self.resent: Counter[str] = Counter()
         """Items of each env re-sent to another replica because theirs died or hung."""
         self.restarted: Counter[str] = Counter()
-        """Pool actors of each env started in place of lost ones (run totals; at most
+        """Pools of each env started in place of lost ones (run totals; at most
         ``max_restarts`` within ``RESTART_WINDOW_S``)."""
-        self._envs: dict[str, _Replicas] = {}
-        self._counters: dict[str, dict[Any, dict[str, int]]] = {}
-        """env -> replica handle -> its pool's counters as of its last answer (kept after
-        it dies, so totals never go down)."""
+        self._envs: dict[str, _Env] = {}
+        self._counters: dict[str, dict[Replica, dict[str, int]]] = {}
+        """env -> replica -> its pool's counters as of its last answer (kept after it dies,
+        so totals never go down)."""
         try:
             self._add_all(specs)
         except BaseException:
@@ -205,63 +207,57 @@ class RayScorer(_Health):
             raise
 
     def add(self, spec: EnvSpec) -> None:
-        """Start ``spec.replicas`` pool actors for a new env and wait until they run (an env
+        """Start ``spec.replicas`` pools for a new env and wait until they run (an env
         registered during a run joins this way)."""
         self._add_all([spec])
 
     def _add_all(self, specs: Sequence[EnvSpec]) -> None:
-        """Start the pool actors of every env in ``specs`` at once, then wait until they all
-        run: actor processes and env workers start concurrently, not env after env."""
+        """Start the pools of every env in ``specs`` at once, then wait until they all run:
+        hosts and env workers start concurrently, not env after env. If one fails, the others
+        are stopped and its error raised (``EnvStartError`` names the env)."""
         import ray
 
-        starting: list[tuple[_Replicas, list[Any]]] = []
+        starting: list[tuple[_Env, list[Replica]]] = []
         try:
             for spec in specs:
                 if spec.name in self.replicas or any(e.spec.name == spec.name for e, _ in starting):
                     raise ValueError(f"env {spec.name!r} is already scored by this run")
                 manifest, built = prepare_spec(spec)  # built on the driver, into the shared store
-                actor = ray.remote(
-                    num_cpus=min(spec.workers, manifest.concurrency),
-                    resources={TRAINER_RESOURCE: 1e-3},
-                )(EnvPool)
-                env = _Replicas(spec, manifest, built, actor)
-                starting.append((env, [self._start(env) for _ in range(spec.replicas)]))
-            ray.get([h.pids.remote() for _, handles in starting for h in handles])
+                env = _Env(spec, manifest, built)
+                starting.append((env, [self._place(env) for _ in range(spec.replicas)]))
+            ray.get([r.started for _, rs in starting for r in rs])
         except BaseException:
-            for _, handles in starting:
-                for h in handles:
-                    ray.kill(h)
+            self._close([r for _, rs in starting for r in rs])
             raise
-        for env, handles in starting:
+        for env, rs in starting:
+            for r in rs:
+                r.started = None
             name = env.spec.name
             self._envs[name] = env
-            self.replicas[name] = handles
+            self.replicas[name] = rs
             self._counters[name] = {}
             self.breakers[name] = Breaker(env.spec)
 
-    def _start(self, env: _Replicas) -> Any:
+    def _place(self, env: _Env, node: str | None = None) -> Replica:
         spec = env.spec
-        return env.actor.remote(env.manifest, env.built, spec.workers, spec.timeout_s, self.log_dir)
+        return self.hosts.place(
+            spec.name, env.manifest, env.built, spec.workers, spec.timeout_s, self.log_dir, node
+        )
 
     def remove(self, env: str) -> None:
-        """Stop an env's pool actors (nothing of it may be in flight: the run drains it
-        first); its counters are dropped with it (its worker restarts stay in the run
-        totals)."""
-        import ray
-
-        handles = self.replicas.pop(env)
-        self._close(handles)
-        for h in handles:
-            ray.kill(h)
+        """Stop an env's pools (nothing of it may be in flight: the run drains it first); its
+        counters are dropped with it (its worker restarts stay in the run totals). The hosts
+        stay for the other envs."""
+        self._close(self.replicas.pop(env))
         self._removed_worker_restarts += sum(
             c.get("restarts", 0) for c in self._counters.pop(env, {}).values()
         )
         self._envs.pop(env, None)
         self.breakers.pop(env, None)
 
-    def deadline_s(self, env: str, replica: Any, n: int) -> float:
-        """Seconds ``replica`` of ``env`` gets to answer a share of ``n`` items before it is
-        deemed hung: ``hang_timeout_s`` (None: ``HANG_MARGIN_S``) + 2 x ``timeout_s`` x
+    def deadline_s(self, env: str, replica: Replica, n: int) -> float:
+        """Seconds ``replica`` of ``env`` gets to answer a share of ``n`` items before its host
+        is deemed hung: ``hang_timeout_s`` (None: ``HANG_MARGIN_S``) + 2 x ``timeout_s`` x
         ceil(n / workers), plus ``STARTUP_S`` for a replica that has not answered yet. Each
         worker scores ceil(n / workers) items one after the other, each within ``timeout_s``
         or killed; the factor 2 covers the pool's own retries (a crashed item is retried
@@ -270,13 +266,14 @@ class RayScorer(_Health):
         e = self._envs[env]
         margin = e.spec.hang_timeout_s if e.spec.hang_timeout_s is not None else HANG_MARGIN_S
         work = 2 * e.timeout_s * math.ceil(n / e.workers)
-        return margin + work + (STARTUP_S if replica in e.fresh else 0.0)
+        return margin + work + (STARTUP_S if replica.started is not None else 0.0)
 
     def score(self, env: str, items: Sequence[Item]) -> list[RewardResult]:
         """One result per item, in order. Items are split over the env's idle replicas; the
-        share of a replica that dies, or misses its deadline (``deadline_s``) and is killed,
-        is re-sent to the fresh replica started in its place or to the others, so each item
-        is scored exactly once. Raises only when no replica and no restart is left."""
+        share of a replica whose host dies, or misses its deadline (``deadline_s``) and is
+        killed, is re-sent to the fresh replica started in its place or to the others, so
+        each item is scored exactly once. Raises only when no replica and no restart is
+        left."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
@@ -285,66 +282,75 @@ class RayScorer(_Health):
         results: dict[int, RewardResult] = {}
         todo = list(range(len(items)))
         # ref -> (replica, its share, deadline); one share in flight per replica
-        pending: dict[Any, tuple[Any, list[int], float]] = {}
+        pending: dict[Any, tuple[Replica, list[int], float]] = {}
         while todo or pending:
-            busy = {h for h, _, _ in pending.values()}
-            idle = [h for h in self.replicas[env] if h not in busy]
+            busy = {r for r, _, _ in pending.values()}
+            for r in [r for r in self.replicas[env] if not r.alive and r not in busy]:
+                self._replace(env, r, r.host.dead)  # its host died during another env's call
+            idle = [r for r in self.replicas[env] if r not in busy]
             if todo and idle:
                 now = time.monotonic()
-                for i, h in enumerate(idle):
+                for i, r in enumerate(idle):
                     share = todo[i :: len(idle)]
                     if share:
-                        ref = h.score_counted.remote([items[j] for j in share])
-                        pending[ref] = (h, share, now + self.deadline_s(env, h, len(share)))
+                        batch = [items[j] for j in share]
+                        ref = r.host.actor.score_counted.remote(r.key, batch, r.started)
+                        pending[ref] = (r, share, now + self.deadline_s(env, r, len(share)))
                 todo = []
             elif todo and not pending:
                 raise RuntimeError(self._exhausted(env, len(todo)))
             wait = min(d for _, _, d in pending.values()) - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, wait))
             for ref in ready:
-                h, share, _ = pending.pop(ref)
+                r, share, _ = pending.pop(ref)
                 try:
                     scored, counters = ray.get(ref)
                 except (ActorDiedError, ActorUnavailableError) as e:
-                    self._replace(env, h, f"{type(e).__name__}: {e}")
-                    self.resent[env] += len(share)
-                    todo += share
+                    self.hosts.lost(r.host, f"{type(e).__name__}: {e}")
+                    failure = f"{type(e).__name__}: {e}"
+                except EnvStartError as e:
+                    if r.started is None:  # a running pool could not restart a worker
+                        raise
+                    failure = f"{type(e).__name__}: {e}"  # a fresh pool could not start
+                else:
+                    r.started = None
+                    results.update(zip(share, scored, strict=True))
+                    self._counters[env][r] = counters
                     continue
-                self._envs[env].fresh.discard(h)
-                results.update(zip(share, scored, strict=True))
-                self._counters[env][h] = counters
+                self._replace(env, r, failure)
+                self.resent[env] += len(share)
+                todo += share
             now = time.monotonic()
-            for ref, (h, share, deadline) in list(pending.items()):
+            for ref, (r, share, deadline) in list(pending.items()):
                 if now > deadline:
                     del pending[ref]
-                    secs = self.deadline_s(env, h, len(share))
-                    self._replace(env, h, f"hung: no answer for {len(share)} items in {secs:g} s")
+                    secs = self.deadline_s(env, r, len(share))
+                    why = f"hung: no answer for {len(share)} items in {secs:g} s"
+                    self.hosts.lost(r.host, why)  # killed: its other calls fail, and re-send
+                    self._replace(env, r, why)
                     self.resent[env] += len(share)
                     todo += share
         out = [results[i] for i in range(len(items))]
         self.breakers[env].record(out)
         return out
 
-    def _replace(self, env: str, replica: Any, why: str) -> None:
-        """Kill a dead or hung replica and start a fresh one in its place, after a backoff,
-        while ``max_restarts`` allows."""
-        import ray
-
+    def _replace(self, env: str, replica: Replica, why: str) -> None:
+        """Count a replica lost (its host died or hung, or its pool did not start) and start
+        a fresh one in its place, on its node if that is still a trainer node, after a
+        backoff, while ``max_restarts`` allows."""
         e = self._envs[env]
-        ray.kill(replica, no_restart=True)
         e.last_failure = why
-        e.fresh.discard(replica)
         if replica not in self.replicas[env]:
             return
         self.replicas[env].remove(replica)
         self.lost[env] += 1
+        if replica.alive:  # a pool that failed to start: nothing of it runs on its host
+            replica.host.actor.close.remote(replica.key)
         breaker = self.breakers[env]
         if breaker.recent_restarts() >= e.spec.max_restarts:  # a crash loop: no more
             return
         time.sleep(min(MAX_BACKOFF_S, e.spec.restart_backoff_s * 2 ** breaker.recent_restarts()))
-        fresh = self._start(e)
-        e.fresh.add(fresh)
-        self.replicas[env].append(fresh)
+        self.replicas[env].append(self._place(e, replica.host.node))
         self.restarted[env] += 1
         breaker.restarted()
 
@@ -352,33 +358,37 @@ class RayScorer(_Health):
         e = self._envs[env]
         failure = e.last_failure if len(e.last_failure) < 600 else e.last_failure[:600] + "..."
         return (
-            f"every pool actor of env {env!r} died or hung and its restarts are used up "
+            f"every pool of env {env!r} died or hung and its restarts are used up "
             f"(EnvSpec.max_restarts = {e.spec.max_restarts} within {RESTART_WINDOW_S / 60:.0f}"
             f" minutes; {self.restarted[env]} made in the run); "
             f"{unscored} items unscored. Last failure: {failure}. See the env's worker logs "
-            f"in {self.log_dir or '(no log dir set)'} and the Ray logs of its pool actors; "
-            f"raise max_restarts in the env's [[envs]] entry if the failures are transient"
+            f"in {self.log_dir or '(no log dir set)'} and the Ray logs of its pool hosts "
+            f"(PoolHost actors); raise max_restarts in the env's [[envs]] entry if the "
+            f"failures are transient"
         )
 
     def stats(self) -> dict[str, list[dict[str, int]]]:
         import ray
 
         return {
-            env: ray.get([h.counters.remote() for h in hs]) for env, hs in self.replicas.items()
+            env: ray.get([r.host.actor.counters.remote(r.key) for r in rs])
+            for env, rs in self.replicas.items()
         }
 
     def metrics(self) -> dict[str, float]:
         """Per env: the pools' counters summed over every replica as of its last answer, a
         dead replica's included (``pool_metrics``); ``envs/<env>/replicas_alive``,
-        ``replicas_lost`` (died or hung), ``replicas_restarted``, ``resent`` (items re-sent
+        ``replicas_lost`` (died or hung: a replica on a host found dead counts at once, before
+        its env's next call replaces it), ``replicas_restarted``, ``resent`` (items re-sent
         because their replica died or hung) and ``quarantined`` (0/1). Run totals, all envs:
         ``restarts/pool``, ``restarts/worker``, ``items_rescored``, ``envs_quarantined``.
         Asks no actor: free to call every step."""
         out: dict[str, float] = {}
-        for env, live in self.replicas.items():
+        for env, listed in self.replicas.items():
+            alive = sum(r.alive for r in listed)
             out.update(pool_metrics(env, self._counters[env].values()))
-            out[f"envs/{env}/replicas_alive"] = float(len(live))
-            out[f"envs/{env}/replicas_lost"] = float(self.lost[env])
+            out[f"envs/{env}/replicas_alive"] = float(alive)
+            out[f"envs/{env}/replicas_lost"] = float(self.lost[env] + len(listed) - alive)
             out[f"envs/{env}/replicas_restarted"] = float(self.restarted[env])
             out[f"envs/{env}/resent"] = float(self.resent[env])
         return self._totals(
@@ -386,26 +396,24 @@ class RayScorer(_Health):
         )
 
     def close(self) -> None:
-        """Stop every live replica's workers (a replica that died since its last call is
-        skipped: its workers see their pipes close and exit; one that does not answer within
-        ``HANG_MARGIN_S`` is killed), then end the replicas' actors, freeing their CPUs."""
-        self._close([h for hs in self.replicas.values() for h in hs])
+        """Stop every live replica's workers (one that does not answer within
+        ``HANG_MARGIN_S`` has its host killed), then end the pool hosts, freeing their CPUs."""
+        self._close([r for rs in self.replicas.values() for r in rs])
+        self.hosts.close()
 
-    @staticmethod
-    def _close(handles: list[Any]) -> None:
+    def _close(self, replicas: list[Replica]) -> None:
+        """Stop these replicas' pools; a host that does not answer in time is killed."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-        refs = {h.close.remote(): h for h in handles}
+        refs = {r.host.actor.close.remote(r.key): r for r in replicas if r.alive}
         if not refs:
             return
         done, late = ray.wait(list(refs), num_returns=len(refs), timeout=HANG_MARGIN_S)
         for ref in done:
             try:
                 ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError):
-                pass
+            except (ActorDiedError, ActorUnavailableError) as e:
+                self.hosts.lost(refs[ref].host, f"{type(e).__name__}: {e}")
         for ref in late:
-            ray.kill(refs[ref], no_restart=True)
-        for h in handles:  # the actors too: they hold their CPUs until they end
-            ray.kill(h, no_restart=True)
+            self.hosts.lost(refs[ref].host, f"hung: no answer to close in {HANG_MARGIN_S:g} s")

@@ -877,7 +877,7 @@ steps = 20
 seed = 0
 
 [cluster]
-num_cpus = 64  # each env's pool actor takes 1 CPU (workers = 1), engine and trainer more
+num_cpus = 64  # ample: engine, trainer rank, and one pool host (1 CPU) for all 30 pools
 
 [rollout]
 prompts_per_step = 60

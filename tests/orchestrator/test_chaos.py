@@ -1,6 +1,6 @@
 """The chaos bench's small version (``bench/chaos.py``), in the suite: a 40-step default run
 on a real local Ray cluster while a thread of the driver kills, by PID and from outside the
-run's code, an engine, an env pool actor, an env worker and a trainer rank (SIGKILL), and
+run's code, an engine, an env pool host, an env worker and a trainer rank (SIGKILL), and
 hangs an engine (SIGSTOP), at seeded random steps. The run must finish every step, say what
 it recovered in its metrics, lose no prompt and train none twice."""
 

@@ -1,5 +1,5 @@
 """Faults mid-run, on a real local Ray cluster (token auth on) with the tiny model and env
-venvs: an env worker, an env pool actor and an engine actor SIGKILLed while the run uses
+venvs: an env worker, the env pool host and an engine actor SIGKILLed while the run uses
 them, and an env that hangs on some items and returns NaN on others. The run goes on to the
 end, and every step scores exactly ``prompts_per_step x group_size`` completions, each once,
 each with its own result; the faulty items are errors kept out of the loss, never zeros.
@@ -252,21 +252,20 @@ def check_every_step(
     return logged, metrics
 
 
-# -- kills: an env worker, an env pool actor, an engine --------------------------------------
+# -- kills: an env worker, the env pool host, an engine ---------------------------------------
 
 
 def kill_env_worker(scorer: Any) -> Callable[[], None]:
-    """SIGKILL a worker process of the pool replica that stays up, found by its command line
-    among that actor's children, while the replica scores."""
+    """SIGKILL a worker process of the first pool replica, one of its pool host's children
+    running an env worker, while the replica scores."""
     import psutil
+    import ray
 
-    keeper = scorer.replicas["faulty"][0]
-    workers = [
-        p
-        for p in psutil.Process(actor_pid(keeper)).children()
-        if "caravela_env_worker" in " ".join(p.cmdline())
-    ]
-    assert len(workers) == 2, [p.cmdline() for p in workers]
+    replica = scorer.replicas["faulty"][0]
+    host = psutil.Process(actor_pid(replica.host.actor))
+    workers = [psutil.Process(p) for p in ray.get(replica.host.actor.pids.remote(replica.key))]
+    assert len(workers) == 2 and all(p in host.children() for p in workers)
+    assert all("caravela_env_worker" in " ".join(p.cmdline()) for p in workers)
 
     def act() -> None:
         time.sleep(0.05)
@@ -275,9 +274,11 @@ def kill_env_worker(scorer: Any) -> Callable[[], None]:
     return act
 
 
-def kill_pool_actor(scorer: Any) -> Callable[[], None]:
-    """SIGKILL the process of the second pool replica while both score the step."""
-    pid = actor_pid(scorer.replicas["faulty"][1])
+def kill_pool_host(scorer: Any) -> Callable[[], None]:
+    """SIGKILL the pool host process (the cluster's one trainer node has one, holding both
+    pool replicas) while both replicas score the step."""
+    (host,) = {r.host for r in scorer.replicas["faulty"]}
+    pid = actor_pid(host.actor)
 
     def act() -> None:
         time.sleep(0.05)
@@ -304,10 +305,11 @@ def kill_engine(router: Any) -> Callable[[], None]:
 
 def test_kills_mid_run_lose_and_double_count_nothing(ray_cluster, record, tmp_path):
     """5 steps on 2 engines and 2 replicas of the faulty env (2 workers each, every item
-    10 ms): an env worker is killed in step 1, a pool actor in step 2, an engine in step 3.
-    The run finishes, every step scored N x G completions once each (``check_every_step``),
-    and what happened is counted: a worker restart, a lost replica with its items re-sent, a
-    dead engine with its requests re-queued on the other."""
+    10 ms): an env worker is killed in step 1, the pool host (both replicas: one node) in
+    step 2, an engine in step 3. The run finishes, every step scored N x G completions once
+    each (``check_every_step``), and what happened is counted: a worker restart, two lost
+    replicas with their items re-sent, a dead engine with its requests re-queued on the
+    other."""
     train = [{**r, "env": "faulty", "delay": 0.01} for r in rows(paths.TINY_TRAIN, 64)]
     heldout = [{**r, "env": "faulty"} for r in rows(paths.TINY_HELDOUT, 8)]
     cfg = configure(
@@ -325,7 +327,7 @@ def test_kills_mid_run_lose_and_double_count_nothing(ray_cluster, record, tmp_pa
     rec = record
     rec.faults = {
         ("score", 1): kill_env_worker,
-        ("score", 2): kill_pool_actor,
+        ("score", 2): kill_pool_host,
         ("generate", 3): kill_engine,
     }
     run(cfg)
@@ -342,11 +344,12 @@ def test_kills_mid_run_lose_and_double_count_nothing(ray_cluster, record, tmp_pa
     assert rec.env_metrics[0]["envs/faulty/restarts"] == 0
     assert envs["envs/faulty/restarts"] >= 1
     assert envs["envs/faulty/errors"] == 0
-    # the pool actor: replaced by a fresh one, its share re-sent
+    # the pool host: both replicas on it lost, replaced on a fresh host, their shares re-sent
     assert envs["envs/faulty/replicas_alive"] == 2
-    assert envs["envs/faulty/replicas_lost"] == 1
-    assert envs["envs/faulty/replicas_restarted"] == 1 and envs["restarts/pool"] == 1
+    assert envs["envs/faulty/replicas_lost"] == 2
+    assert envs["envs/faulty/replicas_restarted"] == 2 and envs["restarts/pool"] == 2
     assert envs["envs/faulty/resent"] > 0
+    assert len({r.host for r in rec.scorer.replicas["faulty"]}) == 1
     # the engine: died holding requests, which the other engine served
     router = rec.router
     (dead,) = router.restarting  # to be started again after its backoff
@@ -376,7 +379,7 @@ def test_kills_mid_run_lose_and_double_count_nothing(ray_cluster, record, tmp_pa
     assert all(m["staleness_max"] == 0 for m in metrics)
     # and the run's own metrics say all of it, step by step
     assert metrics[-1]["engines/restarting"] == 1 and metrics[-1]["requests_requeued"] > 0
-    assert [m["envs/faulty/replicas_lost"] for m in metrics] == [0, 0, 1, 1, 1]
+    assert [m["envs/faulty/replicas_lost"] for m in metrics] == [0, 0, 2, 2, 2]
     assert metrics[0]["envs/faulty/restarts"] == 0 and metrics[-1]["envs/faulty/restarts"] >= 1
 
 

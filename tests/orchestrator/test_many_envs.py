@@ -4,7 +4,8 @@ own venv with its own package, and every env has its metrics.
 
 The envs must be built into the test store first (``make envs`` does it; each env's package
 comes from PyPI). The run is real: a local Ray cluster, the tiny model on the transformers
-engine, a trainer rank, 30 env pool actors whose workers run the envs' venv interpreters.
+engine, a trainer rank, 30 env pools in one pool host whose workers run the envs' venv
+interpreters.
 """
 
 from __future__ import annotations
@@ -160,13 +161,14 @@ def test_thirty_envs_each_in_its_own_venv_in_one_run(tmp_path):
 @pytest.mark.slow
 def test_pools_start_in_one_call_and_one_broken_env_stops_them_all(local_ray, tmp_path):
     """Five envs of the example come up in one ``RayScorer`` call (which starts every env's
-    pool actor before waiting for any), one actor process each, and score. One env whose
-    verifier cannot be imported fails the whole start, naming the env, and no pool actor of
-    the others is left alive."""
+    pool before waiting for any), all in the one pool host process of the cluster's trainer
+    node, their workers its children, and score. One env whose verifier cannot be imported
+    fails the whole start, naming the env, and no pool host is left alive."""
+    import psutil
     import ray
-    from ray.exceptions import ActorDiedError
 
     from reward_envs.config import EnvSpec
+    from reward_envs.pool import EnvStartError
     from reward_envs.protocol import Item
     from reward_envs.scorer import RayScorer
 
@@ -178,11 +180,14 @@ def test_pools_start_in_one_call_and_one_broken_env_stops_them_all(local_ray, tm
             "eq-all", [Item("Q: 1+1+1 A: ", "1+1=2, 2+1=3. The answer is 3.", {"answer": "3"})]
         )
         assert r.score == 1.0 and r.error is None
-        pids = ray.get([h.pid.remote() for hs in scorer.replicas.values() for h in hs])
-        assert len(set(pids)) == 5  # one actor process per env
+        replicas = [x for xs in scorer.replicas.values() for x in xs]
+        (host,) = {x.host.actor for x in replicas}  # one process for the five envs' pools
+        pid = ray.get(host.pid.remote())
+        workers = [w for x in replicas for w in ray.get(host.pids.remote(x.key))]
+        assert len(set(workers)) == 5
+        assert {psutil.Process(w).ppid() for w in workers} == {pid}
     finally:
-        for env in list(scorer.replicas):
-            scorer.remove(env)
+        scorer.close()  # the pools, then the host
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -190,13 +195,13 @@ def test_pools_start_in_one_call_and_one_broken_env_stops_them_all(local_ray, tm
         'name = "broken"\nversion = "0"\nentry_point = "env:score"\nisolation = "process"\n'
     )
     (broken / "env.py").write_text("import no_such_package_here\n")
-    with pytest.raises(ActorDiedError, match="env 'broken': worker 0 cannot import env:score"):
+    with pytest.raises(EnvStartError, match="env 'broken': worker 0 cannot import env:score"):
         RayScorer([*specs, EnvSpec(name="broken", path=broken, workers=1)], tmp_path / "logs")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         # the GCS actor table (the state API needs the dashboard, off in this cluster)
         table = ray._private.state.actors(actor_state_name="ALIVE").values()
-        alive = [a for a in table if a["ActorClassName"].endswith("EnvPool")]
+        alive = [a for a in table if a["ActorClassName"].endswith("PoolHost")]
         if not alive:
             break
         time.sleep(0.5)

@@ -19,7 +19,7 @@ from reward_envs.protocol import RewardResult
 @pytest.mark.slow
 def test_grpo_run_raises_heldout_accuracy(tmp_path):
     """25 GRPO steps of the embedded default, distributed on a local Ray cluster (engine
-    actor, trainer rank, env pool actor with arith in its own venv): held-out sampled pass@1
+    actor, trainer rank, env pool host with arith in its own venv): held-out sampled pass@1
     rises clearly. The bar is +5 points on 256 prompts x 8 samples (std. error ~1 point).
     """
     cfg = load_config(

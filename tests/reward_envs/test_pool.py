@@ -152,7 +152,7 @@ def test_fields_that_are_not_json_are_refused_up_front(chaos):
 
 
 def test_a_worker_stuck_in_a_hung_scorer_exits_when_its_pool_is_killed(tmp_path):
-    """kill -9 of the process owning the pool (a Ray pool actor, in a run) while a worker is
+    """kill -9 of the process owning the pool (a Ray pool host, in a run) while a worker is
     stuck: the worker never reads stdin again, so it watches its parent and exits."""
     import subprocess
     import sys

@@ -1,6 +1,6 @@
-"""Self-healing env pools on a real local Ray cluster with real env workers: a pool actor
-killed (kill -9) or hung (SIGSTOP) is replaced by a fresh one that scores its items, each
-exactly once; a worker killed mid-item is retried in place; a run that keeps losing actors
+"""Self-healing env pools on a real local Ray cluster with real env workers: a pool host
+killed (kill -9) or hung (SIGSTOP) is replaced by a fresh one whose pool scores its items,
+each exactly once; a worker killed mid-item is retried in place; a run that keeps losing hosts
 gets a clear error; an env whose items keep failing is quarantined by its circuit breaker."""
 
 import os
@@ -61,22 +61,23 @@ def worker_pids(results):
     return {int(r.worker.split(":")[1]) for r in results}
 
 
-def test_a_killed_pool_actor_is_restarted_and_its_items_scored_once(chaos):
+def test_a_killed_pool_host_is_restarted_and_its_items_scored_once(chaos):
     import ray
 
     scorer = chaos(workers=2)
     (old,) = scorer.replicas["chaos"]
-    pid, old_workers = ray.get(old.pid.remote()), set(ray.get(old.pids.remote()))
+    pid = ray.get(old.host.actor.pid.remote())
+    old_workers = set(ray.get(old.host.actor.pids.remote(old.key)))
     killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
     killer.start()
     t0 = time.monotonic()
     results = scorer.score("chaos", slow(40, 0.05))
     killer.join()
-    assert time.monotonic() - t0 > 0.5, "the actor died before scoring started"
+    assert time.monotonic() - t0 > 0.5, "the host died before scoring started"
     assert len(results) == 40 and all(r.score == 1.0 and r.error is None for r in results)
     assert not worker_pids(results) & old_workers, "results of the dead replica were kept"
     (fresh,) = scorer.replicas["chaos"]
-    assert fresh != old and ray.get(fresh.pid.remote()) != pid
+    assert fresh != old and ray.get(fresh.host.actor.pid.remote()) != pid
     m = scorer.metrics()
     assert m["restarts/pool"] == 1 and m["items_rescored"] == 40
     assert m["envs/chaos/replicas_lost"] == 1 and m["envs/chaos/replicas_alive"] == 1
@@ -93,7 +94,7 @@ def test_a_worker_killed_mid_item_is_retried_not_an_error(chaos):
 
     scorer = chaos(workers=1)
     (replica,) = scorer.replicas["chaos"]
-    (worker,) = ray.get(replica.pids.remote())
+    (worker,) = ray.get(replica.host.actor.pids.remote(replica.key))
     killer = threading.Timer(0.7, os.kill, (worker, signal.SIGKILL))
     killer.start()
     results = scorer.score("chaos", slow(10, 0.2))
@@ -107,12 +108,13 @@ def test_a_worker_killed_mid_item_is_retried_not_an_error(chaos):
     assert m["restarts/pool"] == 0 and m["items_rescored"] == 0
 
 
-def test_a_hung_pool_actor_is_killed_and_replaced(chaos):
+def test_a_hung_pool_host_is_killed_and_replaced(chaos):
     import ray
 
     scorer = chaos(workers=2, timeout_s=0.25, hang_timeout_s=2.0)
     (old,) = scorer.replicas["chaos"]
-    pid, old_workers = ray.get(old.pid.remote()), set(ray.get(old.pids.remote()))
+    pid = ray.get(old.host.actor.pid.remote())
+    old_workers = set(ray.get(old.host.actor.pids.remote(old.key)))
     deadline = scorer.deadline_s("chaos", old, 8)
     assert deadline == 2.0 + 2 * 0.25 * 4
     os.kill(pid, signal.SIGSTOP)
@@ -140,14 +142,14 @@ def test_restarts_used_up_is_a_clear_error(chaos):
     scorer = chaos(workers=2, max_restarts=1, restart_backoff_s=0.0)
     stop = threading.Event()
 
-    def kill_every_replica():
+    def kill_every_replica():  # by killing its host (one replica each here)
         seen = set()
         while not stop.is_set():
-            for h in list(scorer.replicas["chaos"]):
-                if h not in seen:
-                    seen.add(h)
+            for r in list(scorer.replicas["chaos"]):
+                if r not in seen:
+                    seen.add(r)
                     time.sleep(0.3)
-                    ray.kill(h)
+                    ray.kill(r.host.actor)
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_every_replica)
@@ -159,7 +161,7 @@ def test_restarts_used_up_is_a_clear_error(chaos):
         stop.set()
         killer.join()
     msg = str(err.value)
-    assert "every pool actor of env 'chaos' died or hung" in msg
+    assert "every pool of env 'chaos' died or hung" in msg
     assert "EnvSpec.max_restarts = 1 within 10 minutes; 1 made in the run" in msg
     assert "20 items unscored" in msg
     assert str(scorer.log_dir) in msg and "raise max_restarts" in msg

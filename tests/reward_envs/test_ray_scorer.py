@@ -1,6 +1,8 @@
-"""Env pools as Ray actors on a local cluster (token auth on): a dead replica's items are
-re-sent to another replica, none lost."""
+"""Env pools on Ray pool hosts on a local cluster (token auth on): every env's pools on a node
+run in its one host process; a dead host's replicas are replaced and their items re-sent to
+another replica, none lost. ``PoolHost`` itself, without Ray: pools started side by side."""
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -32,14 +34,28 @@ def test_no_trainer_node_resource_is_a_clear_error(ray_cluster):
         RayScorer([EnvSpec(name="arith", path=ARITH_ENV)])
 
 
-def test_a_dead_replica_loses_no_item(ray_token, tmp_path):
+@pytest.fixture
+def trainer_cluster(ray_token, tmp_path):
     import ray
 
     from orchestrator.cluster import start_local
-    from reward_envs.scorer import RayScorer
 
     ray.shutdown()
     start_local(tmp_path / "run", num_cpus=4, resources={"trainer_node": 1}, dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_killed_host_loses_no_item_and_its_envs_are_replaced(trainer_cluster, tmp_path):
+    """Three pools of two envs on the one trainer node run in one host process, their workers
+    its children. Killing that host mid-call takes them all: the call in flight re-sends its
+    items to fresh pools on a fresh host, each item scored once; the other env's replica is
+    lost too, and replaced on its env's next call."""
+    import psutil
+    import ray
+
+    from reward_envs.scorer import RayScorer
+
     scorer = RayScorer(
         [
             EnvSpec(name="arith", path=ARITH_ENV, workers=1),
@@ -50,15 +66,80 @@ def test_a_dead_replica_loses_no_item(ray_token, tmp_path):
     (ok,) = scorer.score("arith", [Item("Q: 1+1+1 A: ", "The answer is 3.", {"answer": "3"})])
     assert ok.score == 1.0 and ok.env == "arith"
 
-    victim = scorer.replicas["chaos"][0]
-    killer = threading.Timer(0.3, lambda: ray.kill(victim))
+    replicas = [*scorer.replicas["arith"], *scorer.replicas["chaos"]]
+    assert len({r.host.actor for r in replicas}) == 1, "one host on one trainer node"
+    host = replicas[0].host
+    pid = ray.get(host.actor.pid.remote())
+    workers = [w for r in replicas for w in ray.get(host.actor.pids.remote(r.key))]
+    assert len(set(workers)) == 3
+    assert {psutil.Process(w).ppid() for w in workers} == {pid}
+    assert psutil.Process(pid).cmdline()[0].startswith("ray::PoolHost")
+
+    killer = threading.Timer(0.3, os.kill, (pid, 9))
     killer.start()
     t0 = time.monotonic()
     results = scorer.score("chaos", [Item("p", "slow:0.01", {"i": i}) for i in range(200)])
     killer.join()
+    assert time.monotonic() - t0 > 0.3, "the host died before scoring started"
     assert len(results) == 200 and all(r.score == 1.0 for r in results)
-    assert time.monotonic() - t0 > 0.3, "the replica died before scoring started"
-    # the dead replica was replaced by a fresh one (EnvSpec.max_restarts)
-    assert len(scorer.replicas["chaos"]) == 2 and victim not in scorer.replicas["chaos"]
-    assert scorer.metrics()["restarts/pool"] == 1
-    scorer.close()
+    assert {int(r.worker.split(":")[1]) for r in results}.isdisjoint(workers), "a dead pool's"
+    # both chaos replicas were on the host: both replaced, on a fresh host
+    fresh = scorer.replicas["chaos"]
+    assert len(fresh) == 2 and not set(fresh) & set(replicas)
+    assert fresh[0].host is fresh[1].host and fresh[0].host is not host
+    fresh_pid = ray.get(fresh[0].host.actor.pid.remote())
+    assert fresh_pid != pid
+    m = scorer.metrics()
+    assert m["restarts/pool"] == 2 and m["envs/chaos/replicas_lost"] == 2
+    # both shares were in flight (~1 s each): all 200 re-sent, and scored once, by the fresh
+    assert m["envs/chaos/resent"] == 200 and m["envs/chaos/scored"] == 200
+    # arith's replica died with the host: counted lost now, replaced on arith's next call
+    assert m["envs/arith/replicas_alive"] == 0 and m["envs/arith/replicas_lost"] == 1
+    (again,) = scorer.score("arith", [Item("Q: 2+2 A: ", "The answer is 4.", {"answer": "4"})])
+    assert again.score == 1.0
+    (arith,) = scorer.replicas["arith"]
+    assert arith.host is fresh[0].host
+    m = scorer.metrics()
+    assert m["envs/arith/replicas_alive"] == 1 and m["envs/arith/replicas_lost"] == 1
+    assert m["envs/arith/replicas_restarted"] == 1 and m["restarts/pool"] == 3
+    assert m["envs/arith/resent"] == 0, "arith had nothing in flight"
+    scorer.close()  # ends the host too
+    deadline = time.monotonic() + 20
+    while psutil.pid_exists(fresh_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(fresh_pid)
+
+
+def test_a_pool_host_starts_its_pools_side_by_side(tmp_path):
+    """``PoolHost`` as a plain object (no Ray): pools started from threads start at once, each
+    scores its own env, and a key closed while its pool starts gets that pool stopped."""
+    import psutil
+
+    from reward_envs.builder import prepare
+    from reward_envs.hosts import PoolHost
+    from reward_envs.manifest import load_manifest
+
+    manifest, built = load_manifest(CHAOS), prepare(CHAOS, "process")
+    host = PoolHost()
+    keys = [f"chaos#{i}" for i in range(4)]
+    starts = [
+        threading.Thread(target=host.start, args=(k, manifest, built, 1, None, tmp_path))
+        for k in [*keys, "gone#0"]
+    ]
+    host.close("gone#0")  # closed before it was up
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join()
+    try:
+        assert host.keys() == keys
+        pids = {k: host.pids(k) for k in keys}
+        assert len({p for ps in pids.values() for p in ps}) == 4
+        assert {psutil.Process(p).ppid() for ps in pids.values() for p in ps} == {os.getpid()}
+        for k in keys:
+            scored, counters = host.score_counted(k, [Item("p", "ok", {})])
+            assert scored[0].score == 1.0 and counters["items"] == 1
+    finally:
+        for k in keys:
+            host.close(k)
+    assert host.keys() == []
