@@ -1,6 +1,7 @@
-"""Env pools on Ray pool hosts on a local cluster (token auth on): every env's pools on a node
-run in its one host process; a dead host's replicas are replaced and their items re-sent to
-another replica, none lost. ``PoolHost`` itself, without Ray: pools started side by side."""
+"""Env pools on Ray pool hosts, on a local cluster and on two trainer nodes (token auth on):
+every env's pools on a node run in its one host process; an env's replicas go to the nodes in
+turn; a dead host's replicas are replaced on its node and their items re-sent, none lost.
+``PoolHost`` itself, without Ray: pools started side by side."""
 
 import os
 import threading
@@ -143,3 +144,58 @@ def test_a_pool_host_starts_its_pools_side_by_side(tmp_path):
         for k in keys:
             host.close(k)
     assert host.keys() == []
+
+
+@pytest.mark.slow
+def test_replicas_spread_over_trainer_nodes_and_a_host_comes_back_on_its_node(ray_token, tmp_path):
+    """Two trainer nodes (``cluster_utils.Cluster``: raylets on this machine) and a head with
+    none: an env's 4 replicas go to the nodes in turn, one host per node, each with its pools'
+    workers as children. Killing one node's host replaces its replicas on a fresh host on that
+    same node, every item scored once; the other node's host serves on untouched."""
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from reward_envs.scorer import RayScorer
+
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        nodes = [c.add_node(num_cpus=2, resources={"trainer_node": 1}) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address, logging_level="warning")
+        scorer = RayScorer(
+            [EnvSpec(name="chaos", path=CHAOS, workers=1, replicas=4, restart_backoff_s=0.1)],
+            log_dir=tmp_path / "logs",
+        )
+        replicas = scorer.replicas["chaos"]
+        hosts = {r.host.node: r.host for r in replicas}
+        assert set(hosts) == {n.node_id for n in nodes}
+        assert replicas[0].host.node != replicas[1].host.node, "placed in turn"
+        assert sorted(sum(r.host is h for r in replicas) for h in hosts.values()) == [2, 2]
+        pids = {node: ray.get(h.actor.pid.remote()) for node, h in hosts.items()}
+        for r in replicas:
+            (w,) = ray.get(r.host.actor.pids.remote(r.key))
+            assert psutil.Process(w).ppid() == pids[r.host.node]
+
+        victim = nodes[0].node_id
+        killer = threading.Timer(0.3, os.kill, (pids[victim], 9))
+        killer.start()
+        results = scorer.score("chaos", [Item("p", "slow:0.01", {"i": i}) for i in range(200)])
+        killer.join()
+        assert len(results) == 200 and all(r.score == 1.0 and r.error is None for r in results)
+        now = scorer.replicas["chaos"]
+        assert len(now) == 4
+        fresh = {r.host for r in now if r.host.node == victim}
+        (back,) = fresh  # the victim's two replicas, on one fresh host on the same node
+        assert back is not hosts[victim] and ray.get(back.actor.pid.remote()) != pids[victim]
+        assert sum(r.host is hosts[nodes[1].node_id] for r in now) == 2, "the other untouched"
+        m = scorer.metrics()
+        assert m["envs/chaos/replicas_lost"] == 2 and m["envs/chaos/replicas_restarted"] == 2
+        assert m["envs/chaos/replicas_alive"] == 4
+        # the victim's two shares (50 items each, ~0.5 s) were in flight: re-sent, scored once
+        assert m["envs/chaos/resent"] == 100 and m["envs/chaos/scored"] == 200
+        scorer.close()
+    finally:
+        ray.shutdown()
+        c.shutdown()
