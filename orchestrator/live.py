@@ -3,8 +3,8 @@
 With ``env_api.enabled`` the driver (on the head node) serves the env API
 (``reward_envs/api``: bearer token, build + canary admission) for the run's whole life.
 An env registered with a ``mixture`` (dataset + weight) joins the prompt mixture at the
-next step once the API has admitted it (status ``ready``): its pools start in the
-trainer nodes' pool hosts and its dataset is drawn from with its weight. Deleting it drains it: no
+next step once the API has admitted it (status ``ready``): its pools start in the trainer
+nodes' pool hosts and its dataset is drawn from with its weight. Deleting it drains it: no
 new prompt of it is drawn, the prompts already drawn are generated, scored and trained
 on as usual, and then its pools stop. No restart either way.
 
