@@ -148,11 +148,12 @@ def export_checkpoint(ckpt: Path, out: Path, log: Callable[[str], Any] = print) 
     return Path(out)
 
 
-def export_run(run_dir: Path, base: Path, on_ray: bool, log: Callable[[str], Any] = print) -> Path:
+def export_run(run_dir: Path, base: Path, trainer: Any, log: Callable[[str], Any] = print) -> Path:
     """The run's trained model into ``<run_dir>/final/`` from its latest checkpoint (the
     last step is always checkpointed); with no checkpoint (no step run) a copy of the base
-    model ``base``. On Ray the export runs as a task on a trainer node, so the driver never
-    loads the weights; in one process (``cluster.mode = "local"``) it runs here."""
+    model ``base``. The export runs in the trainer's rank-0 process (``trainer``: the run's
+    ``TrainerGroup`` or ``LocalTrainerGroup``), on a trainer node, so the driver never
+    loads the weights."""
     run_dir = Path(run_dir)
     out = run_dir / FINAL
     ckpt = checkpoint.latest(run_dir)
@@ -164,17 +165,13 @@ def export_run(run_dir: Path, base: Path, on_ray: bool, log: Callable[[str], Any
         tmp.rename(out)
         log(f"no step was checkpointed: {out} is a copy of the base model {base}")
         return out
-    if not on_ray:
-        return export_checkpoint(ckpt, out, log)
-    import ray
-
-    from trainer.group import TRAINER_RESOURCE
-
-    # no CPU asked: the ranks and pools may hold every CPU of the trainer nodes
-    task = ray.remote(num_cpus=0, resources={TRAINER_RESOURCE: 0.001})(export_checkpoint)
-    ray.get(task.remote(ckpt, out))
-    log(f"exported {ckpt} to {out} (on a trainer node)")
+    trainer.on_first_rank(export_checkpoint, ckpt, out, _quiet)
+    log(f"exported {ckpt} to {out} (by trainer rank 0)")
     return out
+
+
+def _quiet(_: str) -> None:
+    """``export_checkpoint``'s log in the rank's process: ``export_run`` logs in the driver."""
 
 
 @contextmanager

@@ -369,7 +369,7 @@ def run(cfg: RunConfig, log: Log = print, overwrite: bool = False) -> RunSummary
         with Recorder(out_dir, state.step, cfg.steps, parts.on_ray, log, cfg) as record:
             state = survive(cfg, parts, sampler, live, record, state, tok, evaluate)
         after = evaluate("after")  # the engines serve the last step's weights
-        export_run(out_dir, cfg.model, parts.on_ray, log)
+        export_run(out_dir, cfg.model, parts.trainers, log)
         log(f"trained model: {out_dir / FINAL} (HF format: caravela serve / eval take it)")
     first = next(iter(after.values()))
     write_report(out_dir, state.before_sets, after, record.history)

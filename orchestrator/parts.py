@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +92,7 @@ class Trainers(Protocol):
     def check(self) -> None: ...
     def restart(self) -> None: ...
     def set_version(self, version: int) -> None: ...
+    def on_first_rank(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
     @property
     def restarts(self) -> int: ...

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,11 @@ class TrainerRank:
         engines already serve later versions; theirs must keep increasing)."""
         self.trainer.version = version
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in this rank's process, where torch and the model's libraries are
+        already imported (the run's final export: no new worker process to start)."""
+        return fn(*args)
+
 
 class TrainerGroup:
     """``ranks_per_node`` ranks on every trainer node, joined into one process group."""
@@ -289,6 +294,10 @@ class TrainerGroup:
 
     def set_version(self, version: int) -> None:
         wait_ranks(self._call("set_version", version))
+
+    def on_first_rank(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` run in rank 0's process (``TrainerRank.call``), and its result."""
+        return wait_ranks(self._call("call", fn, *args, ranks=self.ranks[:1]))[0]
 
     def _call(self, method: str, *args: Any, ranks: list[Any] | None = None) -> list[Any]:
         """Object refs of ``method(*args)`` on ``ranks`` (all), sent in one order."""
@@ -400,6 +409,10 @@ class LocalTrainerGroup:
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.rank.logprobs(sequences)
+
+    def on_first_rank(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` here: the one rank is this process."""
+        return fn(*args)
 
     def save(self, path: Path) -> None:
         self.rank.save(str(path))

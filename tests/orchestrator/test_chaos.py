@@ -15,7 +15,9 @@ import pytest
 
 from common.paths import REPO_ROOT as REPO
 
-pytestmark = pytest.mark.slow
+# `long`: each of these faults is recovered from in the default suite on its own
+# (test_faults, test_trainer_restart, tests/inference_server/test_engine_recovery.py)
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def load_chaos():

@@ -29,7 +29,11 @@ def cluster(ray_token):
 
 @pytest.mark.parametrize(
     ("weight_sync", "sharding"),
-    [("collective", "replicate"), ("collective", "fsdp2"), ("object_store", "replicate")],
+    [
+        pytest.param("collective", "replicate", marks=pytest.mark.long),
+        ("collective", "fsdp2"),
+        ("object_store", "replicate"),
+    ],
 )
 def test_roles_ranks_and_weight_pushes(cluster, tmp_path, weight_sync, sharding):
     """Both weight paths; the collective one also from FSDP2 ranks (each tensor gathered in

@@ -82,7 +82,7 @@ def test_stale_tis_without_a_cap_is_a_clear_error():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ray", "local"])
+@pytest.mark.parametrize("mode", [pytest.param("ray", marks=pytest.mark.long), "local"])
 def test_refill_tops_up_steps_with_fresh_prompts(tmp_path, mode):
     """With G = 2 about half the tiny model's groups have equal rewards; refill rounds draw
     new prompts until 8 groups teach, and every prompt a step used is logged, none twice."""

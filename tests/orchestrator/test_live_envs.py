@@ -36,7 +36,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> No
         time.sleep(0.3)
 
 
-@pytest.mark.parametrize("mode", ["ray", "local"])
+@pytest.mark.parametrize("mode", [pytest.param("ray", marks=pytest.mark.long), "local"])
 def test_env_registered_mid_run_joins_and_deleted_env_drains(tmp_path, mode):
     # a second env: the arith scorer under another name, with its own dataset
     env_dir = tmp_path / "sumcheck"

@@ -13,7 +13,7 @@ from tests.orchestrator.test_one_loop import caravela, lines
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode", ["local", "ray"])
+@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.long)])
 def test_a_bf16_mixed_precision_run_pushes_collectively_and_passes_the_probe(tmp_path, mode):
     out = tmp_path / "run"
     sets = [f"cluster.mode={mode}", "steps=3", "trainer.dtype=bfloat16"]

@@ -29,7 +29,7 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("mode", ["ray", "local"])
+@pytest.mark.parametrize("mode", ["ray", pytest.param("local", marks=pytest.mark.long)])
 def test_async_tis_run_checkpoints_on_request_and_records_everything(tmp_path, mode):
     out = tmp_path / "run"
     out.mkdir()
@@ -70,7 +70,12 @@ def test_async_tis_run_checkpoints_on_request_and_records_everything(tmp_path, m
 
 
 @pytest.mark.parametrize(
-    "mode,backend", [("ray", "transformers"), ("local", "transformers"), ("local", "vllm")]
+    "mode,backend",
+    [
+        pytest.param("ray", "transformers", marks=pytest.mark.long),
+        ("local", "transformers"),
+        pytest.param("local", "vllm", marks=pytest.mark.long),
+    ],
 )
 def test_steps_where_no_group_teaches_train_and_push_nothing(tmp_path, mode, backend):
     """At temperature 1e-3 every completion of a prompt is the same, so every group has equal

@@ -33,7 +33,7 @@ def steps(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["ray", "local"])
+@pytest.mark.parametrize("mode", [pytest.param("ray", marks=pytest.mark.long), "local"])
 def test_kill_and_resume_skips_and_repeats_no_prompt(tmp_path, mode):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(command(ref, mode), check=True, capture_output=True, timeout=600)
