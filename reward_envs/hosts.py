@@ -6,7 +6,7 @@ other (a per-key lock; ``RayScorer`` keeps at most one share in flight per repli
 Each pool's workers are still their env's own interpreter subprocesses (``pool.py``); what
 the host saves is a Ray worker process per env: a raylet starts only about as many worker
 processes at once as its node has cores, each about a second of CPU to import Ray, so 30 envs
-as 30 actors took 38 s to start on 2 cores, and as 30 pools of one host 3 s
+as 30 actors took 38 s to start on 2 cores, and as 30 pools of one host 3-4 s
 (bench/results/many_envs.md).
 
 ``Hosts`` is the driver's side: one ``PoolHost`` actor per alive node that offers the
