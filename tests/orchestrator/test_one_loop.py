@@ -29,7 +29,7 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("mode", ["ray", pytest.param("local", marks=pytest.mark.long)])
+@pytest.mark.parametrize("mode", [pytest.param("ray", marks=pytest.mark.long), "local"])
 def test_async_tis_run_checkpoints_on_request_and_records_everything(tmp_path, mode):
     out = tmp_path / "run"
     out.mkdir()
