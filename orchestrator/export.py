@@ -151,9 +151,9 @@ def export_checkpoint(ckpt: Path, out: Path, log: Callable[[str], Any] = print) 
 def export_run(run_dir: Path, base: Path, trainer: Any, log: Callable[[str], Any] = print) -> Path:
     """The run's trained model into ``<run_dir>/final/`` from its latest checkpoint (the
     last step is always checkpointed); with no checkpoint (no step run) a copy of the base
-    model ``base``. The export runs in the trainer's rank-0 process (``trainer``: the run's
-    ``TrainerGroup`` or ``LocalTrainerGroup``), on a trainer node, so the driver never
-    loads the weights."""
+    model ``base``. The export runs on a trainer node (``trainer``: the run's ``TrainerGroup``,
+    in rank 0's process, or a fresh task if rank 0 died; ``LocalTrainerGroup``: this
+    process), so the driver never loads the weights."""
     run_dir = Path(run_dir)
     out = run_dir / FINAL
     ckpt = checkpoint.latest(run_dir)
@@ -165,8 +165,8 @@ def export_run(run_dir: Path, base: Path, trainer: Any, log: Callable[[str], Any
         tmp.rename(out)
         log(f"no step was checkpointed: {out} is a copy of the base model {base}")
         return out
-    trainer.on_first_rank(export_checkpoint, ckpt, out, _quiet)
-    log(f"exported {ckpt} to {out} (by trainer rank 0)")
+    trainer.on_trainer_node(export_checkpoint, ckpt, out, _quiet)
+    log(f"exported {ckpt} to {out} (on a trainer node)")
     return out
 
 

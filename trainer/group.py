@@ -295,9 +295,18 @@ class TrainerGroup:
     def set_version(self, version: int) -> None:
         wait_ranks(self._call("set_version", version))
 
-    def on_first_rank(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` run in rank 0's process (``TrainerRank.call``), and its result."""
-        return wait_ranks(self._call("call", fn, *args, ranks=self.ranks[:1]))[0]
+    def on_trainer_node(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a trainer node, and its result: in rank 0's process
+        (``TrainerRank.call``: no worker process to start), or, if rank 0 has died (a rank may
+        die at any time, the end of the run included), in a fresh Ray task there."""
+        try:
+            return wait_ranks(self._call("call", fn, *args, ranks=self.ranks[:1]))[0]
+        except TrainerDied:
+            import ray
+
+            # no CPU asked: the live ranks and the pool hosts may hold every CPU of the node
+            task = ray.remote(num_cpus=0, resources={TRAINER_RESOURCE: 1e-3})(fn)
+            return ray.get(task.remote(*args))
 
     def _call(self, method: str, *args: Any, ranks: list[Any] | None = None) -> list[Any]:
         """Object refs of ``method(*args)`` on ``ranks`` (all), sent in one order."""
@@ -410,7 +419,7 @@ class LocalTrainerGroup:
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.rank.logprobs(sequences)
 
-    def on_first_rank(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def on_trainer_node(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` here: the one rank is this process."""
         return fn(*args)
 
